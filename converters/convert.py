@@ -128,9 +128,11 @@ def write_plugin_checkpoint(
     cfg = plugin_config(head, kind=kind, dtype=dtype, target=target,
                         has_embed="embed_tokens.weight" in tensors,
                         has_lm_head="lm_head.weight" in tensors, source=source)
-    spec = {"method": "hass", "model": ".", "num_speculative_tokens": num_speculative_tokens}
+    spec = {"method": "hass", "model": "."}
     if tree:
-        spec["tree"] = tree
+        spec["tree"] = tree  # vLLM's token budget follows from the tree
+    else:
+        spec["num_speculative_tokens"] = num_speculative_tokens
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -64,6 +64,14 @@ class HassSpec:
     passthrough: dict[str, Any] = field(default_factory=dict)
     source: str = "speculative config"
 
+    @property
+    def draft_tree(self) -> TreeConfig:
+        """What the proposer grows: a chain of k is the tree depth=k, top_k=1."""
+        if self.tree is not None:
+            return self.tree
+        k = self.num_speculative_tokens
+        return TreeConfig(depth=k, top_k=1, total_tokens=k + 1)
+
     def vllm_kwargs(self) -> dict[str, Any]:
         """What vLLM's SpeculativeConfig receives (method stays "hass": see vllm_patches)."""
         return {

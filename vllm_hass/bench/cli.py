@@ -1,0 +1,139 @@
+"""`vllm-hass bench`: no speculation vs stock EAGLE vs HASS chain/tree vs the oracle.
+
+    vllm-hass bench --target T --spec hass.json --dataset mtbench --batch-sizes 1,8,32 \\
+        --temperature 0,1 --out runs/bench
+    vllm-hass bench speedup-model --tau 5.08
+
+Everything here is argument parsing and cheap validation; the work (and the heavy
+imports) live in `runner.py` and `speedup_model.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from vllm_hass.errors import UserError
+
+CONFIGS = ("nospec", "eagle", "hass-chain", "hass-tree", "oracle")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "bench", help="measure tau, acceptance and throughput against no speculation",
+        description=__doc__.splitlines()[0],
+    )
+    p.add_argument("--target", help="target model directory (HF format)")
+    p.add_argument("--spec", help="speculative config JSON of the head (hass.json)")
+    p.add_argument("--dataset", default="mtbench", help="mtbench, humaneval or FILE.jsonl")
+    p.add_argument("--batch-sizes", default="1,8,32", help="comma-separated, e.g. 1,8,32")
+    p.add_argument("--temperature", "--temperatures", dest="temperature", default="0,1",
+                   help="comma-separated sampling temperatures, e.g. 0,1")
+    p.add_argument("--out", help="output directory (results.md, results.json, *.png)")
+    p.add_argument("--num-prompts", type=int, default=80, help="prompts taken from the dataset")
+    p.add_argument("--max-tokens", type=int, default=256, help="output tokens per request")
+    p.add_argument("--max-prompt-len", type=int, default=1024, help="longer prompts keep their end")
+    p.add_argument("--device", choices=DEVICES, default="auto")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="vLLM dtype (auto: float32 on CPU, the model's on CUDA); the oracle runs float32 "
+                        "unless a dtype is given")
+    p.add_argument("--configs", default=",".join(CONFIGS),
+                   help=f"which to run, comma-separated from {','.join(CONFIGS)}")
+    p.add_argument("--chain-k", type=int, help="draft tokens for chain configs (default: the spec's "
+                                              "num_speculative_tokens, or its tree's depth)")
+    p.add_argument("--tree", help="DEPTH,TOP_K,TOTAL_TOKENS for hass-tree (default: the spec's 'tree')")
+    p.add_argument("--eager", action="store_true", help="enforce eager mode on CUDA too")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+    sub = p.add_subparsers(dest="bench_command")
+    from vllm_hass.bench.speedup_model import add_parser as add_speedup_parser
+
+    add_speedup_parser(sub)
+    return p
+
+
+def int_list(value: str, flag: str) -> list[int]:
+    try:
+        items = [int(v) for v in value.split(",")]
+    except ValueError:
+        items = []
+    if not items or any(v < 1 for v in items):
+        raise UserError(f"{flag} {value}: expected comma-separated positive integers, e.g. 1,8,32")
+    return sorted(set(items))
+
+
+def float_list(value: str, flag: str) -> list[float]:
+    try:
+        items = [float(v) for v in value.split(",")]
+    except ValueError:
+        items = []
+    if not items or any(not v >= 0 for v in items):
+        raise UserError(f"{flag} {value}: expected comma-separated temperatures >= 0, e.g. 0,1")
+    return list(dict.fromkeys(items))
+
+
+def validate(args) -> dict:
+    """Every check that needs no model, no dataset download and no vLLM."""
+    from vllm_hass.bench import datasets
+
+    if args.target is None:
+        raise UserError("--target: required (a target model directory)")
+    target = Path(args.target)
+    if not (target / "config.json").is_file():
+        raise UserError(f"--target {args.target}: expected a model directory with config.json")
+    if args.out is None:
+        raise UserError("--out: required (an output directory)")
+    configs = [c for c in args.configs.split(",") if c]
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown or not configs:
+        raise UserError(f"--configs {args.configs}: expected names from {','.join(CONFIGS)}")
+    needs_spec = any(c != "nospec" for c in configs)
+    if needs_spec and args.spec is None:
+        raise UserError("--spec: required for configs other than nospec (the head's hass.json)")
+    if args.spec is not None and not Path(args.spec).is_file():
+        raise UserError(f"--spec {args.spec}: no such file")
+    datasets.check(args.dataset)
+    for flag, v in (("--num-prompts", args.num_prompts), ("--max-tokens", args.max_tokens),
+                    ("--max-prompt-len", args.max_prompt_len)):
+        if v < 1:
+            raise UserError(f"{flag} {v}: expected a positive integer")
+    if args.chain_k is not None and args.chain_k < 1:
+        raise UserError(f"--chain-k {args.chain_k}: expected a positive integer")
+    tree = None
+    if args.tree is not None:
+        parts = args.tree.split(",")
+        if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+            raise UserError(f"--tree {args.tree}: expected DEPTH,TOP_K,TOTAL_TOKENS, e.g. 6,10,60")
+        tree = dict(zip(("depth", "top_k", "total_tokens"), map(int, parts)))
+    return {
+        "target": target,
+        "spec": Path(args.spec) if args.spec else None,
+        "dataset": args.dataset,
+        "batch_sizes": int_list(args.batch_sizes, "--batch-sizes"),
+        "temperatures": float_list(args.temperature, "--temperature"),
+        "out": Path(args.out),
+        "num_prompts": args.num_prompts,
+        "max_tokens": args.max_tokens,
+        "max_prompt_len": args.max_prompt_len,
+        "device": args.device,
+        "dtype": args.dtype,
+        "configs": configs,
+        "chain_k": args.chain_k,
+        "tree": tree,
+        "eager": args.eager,
+        "seed": args.seed,
+    }
+
+
+def run(args) -> int:
+    if getattr(args, "bench_command", None) == "speedup-model":
+        from vllm_hass.bench.speedup_model import run as run_speedup
+
+        return run_speedup(args)
+    settings = validate(args)
+    from vllm_hass.bench.runner import Bench
+
+    return Bench.from_settings(settings).run()

@@ -1,0 +1,254 @@
+"""Plan the bench's configurations, run each in a fresh process, collect the numbers.
+
+A configuration is a name plus the `speculative_config` handed to `vllm.LLM`
+(None for no speculation); the oracle is one more process. HASS chain and tree
+are plain configurations too: the spec file's dict, minus or plus `tree`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from vllm_hass.bench.worker import PROGRESS
+from vllm_hass.errors import UserError
+
+
+@dataclasses.dataclass
+class Config:
+    name: str
+    speculative_config: dict | None
+    oracle: str | None = None  # the oracle shape with the same drafting
+    notes: list[str] = dataclasses.field(default_factory=list)
+    skip: str | None = None  # why it is not run
+
+
+def load_spec(path: Path):
+    """The head's hass.json, validated the way the plugin validates it."""
+    from vllm_hass.config import parse_spec
+
+    return parse_spec(path)
+
+
+def plugin_available() -> bool:
+    return importlib.util.find_spec("vllm_hass.plugin") is not None
+
+
+def chain_k(settings: dict, spec) -> int:
+    """Chain length: --chain-k, else the spec's (chain spec), else the tree's depth (so both
+    draft the same number of levels)."""
+    if settings["chain_k"]:
+        return settings["chain_k"]
+    if spec.tree is None:
+        return spec.num_speculative_tokens
+    return (settings["tree"] or spec.tree.to_dict())["depth"]
+
+
+def plan(settings: dict, spec, out: Path) -> tuple[list[Config], list[dict]]:
+    """Engine configurations and oracle shapes for this run (spec: a HassSpec or None)."""
+    wanted = settings["configs"]
+    configs: list[Config] = []
+    shapes: list[dict] = []
+    if spec is None:
+        return [Config("nospec", None)], []
+    k = chain_k(settings, spec)
+    tree = settings["tree"] or (spec.tree.to_dict() if spec.tree else None)
+    chain_shape = f"oracle-chain-k{k}"
+    tree_shape = f"oracle-tree-{tree['depth']}-{tree['top_k']}-{tree['total_tokens']}" if tree else None
+    if "nospec" in wanted:
+        configs.append(Config("nospec", None))
+    if "eagle" in wanted:
+        from vllm_hass.bench.stock import stock_copy
+
+        path, dropped = stock_copy(spec.model, out / "stock-head")
+        notes = [f"stock drops {', '.join(dropped)}"] if dropped else []
+        configs.append(Config("eagle", {"method": "eagle", "model": str(path.resolve()),
+                                        "num_speculative_tokens": k}, chain_shape, notes))
+    hass = {"method": "hass", "model": spec.model, **spec.passthrough}
+    no_plugin = None if plugin_available() else "vllm_hass.plugin is not installed"
+    if "hass-chain" in wanted:
+        configs.append(Config("hass-chain", {**hass, "num_speculative_tokens": k}, chain_shape,
+                              skip=no_plugin))
+    if "hass-tree" in wanted:
+        skip = no_plugin or (None if tree else "no tree: give the spec a 'tree' or pass --tree")
+        configs.append(Config("hass-tree", {**hass, "tree": tree} if tree else None, tree_shape,
+                              skip=skip))
+    if "oracle" in wanted:
+        shapes.append({"name": chain_shape, "k": k})
+        if tree:
+            shapes.append({"name": tree_shape, "tree": tree})
+    return configs, shapes
+
+
+def worker_env(device: str) -> dict:
+    env = dict(os.environ)
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if device == "cpu":
+        # In-process engine core: get_metrics() reads the counters in this process,
+        # and CPU runs avoid a second copy of the model.
+        env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        # vLLM's CPU spec decode wants Intel OpenMP; without it timings swing wildly.
+        iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
+        if iomp.exists() and "libiomp5" not in env.get("LD_PRELOAD", ""):
+            env["LD_PRELOAD"] = ":".join(p for p in (str(iomp), env.get("LD_PRELOAD", "")) if p)
+    return env
+
+
+def run_worker(job: dict, name: str, jobs_dir: Path, device: str, on_progress) -> tuple[dict | None, str | None]:
+    """Run one job in a fresh process. Returns (result, None) or (None, one-line error)."""
+    jobs_dir = jobs_dir.resolve()
+    job_path, result_path, log_path = (jobs_dir / f"{name}.{ext}" for ext in ("job.json", "result.json", "log"))
+    job_path.write_text(json.dumps(job))
+    result_path.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "vllm_hass.bench.worker", str(job_path), str(result_path)]
+    with open(log_path, "w") as log:
+        # cwd away from the repo root: its triton_kernels/ folder would shadow OpenAI's
+        # package of that name, which vLLM probes for.
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env=worker_env(device), bufsize=1, cwd=jobs_dir)
+        for line in proc.stdout:
+            if line.startswith(PROGRESS):
+                on_progress()
+            else:
+                log.write(line)
+        rc = proc.wait()
+    if rc == 0 and result_path.exists():
+        return json.loads(result_path.read_text()), None
+    return None, f"exit {rc}: {last_error(log_path, rc)} (log: {log_path})"
+
+
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt): ")
+
+
+def last_error(log_path: Path, rc: int) -> str:
+    """The final exception line of the worker's log, else how it died."""
+    lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if EXCEPTION_LINE.match(ln):
+            return ln[:200]
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    return lines[-1][:200] if lines else "no output"
+
+
+class Bench:
+    def __init__(self, settings: dict):
+        self.s = settings
+
+    @classmethod
+    def from_settings(cls, settings: dict) -> "Bench":
+        return cls(settings)
+
+    def device(self) -> str:
+        import torch
+
+        want = self.s["device"]
+        has_cuda = torch.cuda.is_available()
+        if want == "cuda" and not has_cuda:
+            raise UserError("--device cuda: torch sees no CUDA device here (use --device cpu)")
+        return want if want != "auto" else ("cuda" if has_cuda else "cpu")
+
+    def prompts(self) -> list[list[int]]:
+        from transformers import AutoTokenizer
+
+        from vllm_hass.bench import datasets
+
+        texts = datasets.load_texts(self.s["dataset"], self.s["num_prompts"])
+        tok = AutoTokenizer.from_pretrained(str(self.s["target"]))
+        return datasets.encode(texts, tok, self.s["max_prompt_len"])
+
+    def max_model_len(self, prompts, configs) -> int:
+        from vllm_hass.converters.convert import target_config
+
+        margin = 8
+        for c in configs:
+            sc = c.speculative_config or {}
+            tree = sc.get("tree") or {}
+            margin = max(margin, sc.get("num_speculative_tokens", 0) + 8, tree.get("total_tokens", 0)
+                         + tree.get("top_k", 0) * tree.get("depth", 0) + 8)
+        need = max(map(len, prompts)) + self.s["max_tokens"] + margin
+        limit = target_config(self.s["target"]).get("max_position_embeddings")
+        if limit and need > limit:
+            raise UserError(
+                f"--max-tokens {self.s['max_tokens']}: longest prompt ({max(map(len, prompts))} tokens) "
+                f"+ output + draft margin = {need} exceeds the target's max_position_embeddings {limit}"
+            )
+        return need
+
+    def run(self) -> int:
+        from tqdm import tqdm
+
+        from vllm_hass.bench import report
+
+        s = self.s
+        device = self.device()
+        out = s["out"]
+        jobs_dir = out / "jobs"
+        jobs_dir.mkdir(parents=True, exist_ok=True)
+        spec = load_spec(s["spec"]) if s["spec"] else None
+        prompts = self.prompts()
+        configs, shapes = plan(s, spec, out)
+        vllm_dtype = s["dtype"] if s["dtype"] != "auto" else ("float32" if device == "cpu" else "auto")
+        oracle_dtype = s["dtype"] if s["dtype"] != "auto" else "float32"
+        eager = device == "cpu" or s["eager"]
+        max_len = self.max_model_len(prompts, configs)
+        runnable = [c for c in configs if c.skip is None]
+        total = len(runnable) * len(s["batch_sizes"]) * len(s["temperatures"]) + len(shapes) * len(prompts)
+        engine_results: dict[str, dict] = {}
+        oracle_results: list[dict] = []
+        t0 = time.perf_counter()
+        with tqdm(total=total, unit="run", dynamic_ncols=True) as bar:
+            for c in runnable:
+                bar.set_description(c.name)
+                job = {
+                    "kind": "engine", "target": str(s["target"].resolve()),
+                    "speculative_config": c.speculative_config, "prompts": prompts,
+                    "batch_sizes": s["batch_sizes"], "temperatures": s["temperatures"],
+                    "max_tokens": s["max_tokens"], "dtype": vllm_dtype, "enforce_eager": eager,
+                    "max_model_len": max_len, "seed": s["seed"],
+                }
+                result, err = run_worker(job, c.name, jobs_dir, device, lambda: bar.update(1))
+                if err:
+                    c.skip = f"failed: {err}"
+                    tqdm.write(f"{c.name}: {c.skip}")
+                else:
+                    engine_results[c.name] = result
+            if shapes:
+                bar.set_description("oracle")
+                job = {"kind": "oracle", "target": str(s["target"].resolve()), "head": spec.model,
+                       "prompts": prompts, "max_tokens": s["max_tokens"], "shapes": shapes,
+                       "dtype": oracle_dtype, "device": device}
+                result, err = run_worker(job, "oracle", jobs_dir, device, lambda: bar.update(1))
+                if err:
+                    tqdm.write(f"oracle: failed: {err}")
+                    oracle_results = [{"name": sh["name"], "error": err} for sh in shapes]
+                else:
+                    oracle_results = result["oracle"]
+        meta = {
+            "target": str(s["target"]), "spec": str(s["spec"]) if s["spec"] else None,
+            "head": spec.model if spec else None, "dataset": s["dataset"],
+            "num_prompts": len(prompts), "max_tokens": s["max_tokens"],
+            "batch_sizes": s["batch_sizes"], "temperatures": s["temperatures"],
+            "device": device, "dtype": vllm_dtype, "oracle_dtype": oracle_dtype,
+            "enforce_eager": eager, "max_model_len": max_len, "seed": s["seed"],
+            "wall_s": round(time.perf_counter() - t0, 1), **report.versions(),
+            "command": " ".join(sys.argv),
+        }
+        results = report.assemble(meta, configs, engine_results, oracle_results)
+        paths = report.write(results, out)
+        print(report.markdown(results))
+        print("wrote " + ", ".join(str(p) for p in paths))
+        return 0 if "nospec" not in s["configs"] or "nospec" in engine_results else 1

@@ -37,17 +37,24 @@ def get(url, data=None, timeout=60):
         return r.read().decode()
 
 
-def metric(text: str, name: str) -> float:
+def metric(text: str, name: str, label: str = "") -> float:
+    """Sum of a Prometheus counter over its series (optionally those carrying `label`)."""
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{"))
+               if line.startswith(name + "{") and label in line)
 
 
-def test_vllm_serve_with_hass_json_file(bigram_target, identity_head, tmp_path):
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+def test_vllm_serve_with_hass_json_file(bigram_target, identity_head, tmp_path, mode):
+    spec_file = identity_head / "hass.json"  # as `vllm-hass convert` wrote it: a chain of 3
+    if mode == "tree":
+        spec_file = tmp_path / "hass.json"
+        spec_file.write_text(json.dumps({"method": "hass", "model": str(identity_head),
+                                         "tree": {"depth": 4, "top_k": 3, "total_tokens": 12}}))
     port = free_port()
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen(
         [VLLM, "serve", str(bigram_target), "--speculative-config",
-         str(identity_head / "hass.json"), "--enforce-eager", "--dtype", "float32",
+         str(spec_file), "--enforce-eager", "--dtype", "float32",
          "--max-model-len", "512", "--host", "127.0.0.1", "--port", str(port)],
         stdout=log, stderr=subprocess.STDOUT, env=serve_env())
     base = f"http://127.0.0.1:{port}"
@@ -69,8 +76,15 @@ def test_vllm_serve_with_hass_json_file(bigram_target, identity_head, tmp_path):
         drafts = metric(text, "vllm:spec_decode_num_drafts_total")
         drafted = metric(text, "vllm:spec_decode_num_draft_tokens_total")
         accepted = metric(text, "vllm:spec_decode_num_accepted_tokens_total")
-        assert drafts > 0 and drafted == 3 * drafts
-        assert accepted == drafted  # the identity head on the bigram target
+        if mode == "chain":
+            assert drafts > 0 and drafted == 3 * drafts
+            assert accepted == drafted  # the identity head on the bigram target
+        else:  # every step accepts the full depth-4 path: tau = 5 (32 tokens = 1 + 6*5 + 1)
+            per_depth = [metric(text, "vllm:spec_decode_num_accepted_tokens_per_pos_total",
+                                f'position="{d}"') for d in range(6)]
+            assert drafts > 0 and drafted == 11 * drafts
+            assert per_depth[:4] == [drafts] * 4 and per_depth[4:] == [0, 0]
+            assert accepted == 4 * drafts
     finally:
         proc.terminate()
         try:

@@ -113,6 +113,10 @@ def register_tree_backend() -> None:
     if current_platform.is_cpu():
         register_backend(AttentionBackendEnum.CPU_ATTN,
                          "vllm_hass.attention.TreeCPUAttentionBackend")
+    elif current_platform.is_cuda():
+        from vllm_hass import attention_cuda
+
+        attention_cuda.register()
 
 
 def attach(attn_metadata, info: TreeAttnInfo | None) -> None:

@@ -131,6 +131,22 @@ def json_or_path(value: str) -> dict | None:
     return data
 
 
+def _tree_friendly_cudagraphs(engine_args) -> None:
+    """Full CUDA graphs would capture attention and skip the tree rows; piecewise
+    graphs leave attention eager. Only fills in a mode the user did not choose."""
+    from vllm.config import CUDAGraphMode
+    from vllm.platforms import current_platform
+
+    cc = engine_args.compilation_config
+    if current_platform.is_cpu() or not hasattr(cc, "cudagraph_mode"):
+        return
+    if cc.cudagraph_mode is None:
+        cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
+    elif cc.cudagraph_mode.has_full_cudagraphs():
+        raise UserError("HASS: full CUDA graphs cannot run tree/chain verification; "
+                        "use -cc.cudagraph_mode=PIECEWISE (or leave it unset)")
+
+
 def _patch_engine_args() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
@@ -153,6 +169,7 @@ def _patch_engine_args() -> None:
 
         spec = parse_spec(user)
         check_against_target(spec, target_model_config.hf_config)
+        _tree_friendly_cudagraphs(self)
         # vLLM writes target configs into this dict; keep the caller's dict intact.
         self.speculative_config = spec.vllm_kwargs()
         try:

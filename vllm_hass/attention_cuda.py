@@ -29,7 +29,9 @@ def _tree_rows(impl, query, kv_cache, info, output) -> None:
     output.view(-1, impl.num_heads, impl.head_size)[info.rows] = out.to(output.dtype)
 
 
-class TreeFlashAttentionImpl(FlashAttentionImpl):
+class _TreeRows:
+    """Mixin over a vLLM attention impl: its kernel for every row, then the tree rows."""
+
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
                 output_scale=None, output_block_scale=None):
         super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
@@ -40,15 +42,12 @@ class TreeFlashAttentionImpl(FlashAttentionImpl):
         return output
 
 
-class TreeTritonAttentionImpl(TritonAttentionImpl):
-    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output,
-                output_scale=None, output_block_scale=None):
-        super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
-                        output_scale, output_block_scale)
-        info = getattr(attn_metadata, "hass_tree", None)
-        if info is not None:
-            _tree_rows(self, query, kv_cache, info, output)
-        return output
+class TreeFlashAttentionImpl(_TreeRows, FlashAttentionImpl):
+    pass
+
+
+class TreeTritonAttentionImpl(_TreeRows, TritonAttentionImpl):
+    pass
 
 
 class TreeFlashAttentionBackend(FlashAttentionBackend):

@@ -193,7 +193,9 @@ class EagleHassLlamaForCausalLM(LlamaForCausalLM):
                 )
             loader = getattr(param, "weight_loader", None)
             if shard is None:
-                if tuple(param.shape) != tuple(tensor.shape):
+                # vocab-sized tensors are padded by vLLM; their loader narrows and checks
+                padded = ckpt_name in ("embed_tokens.weight", "lm_head.weight")
+                if not padded and tuple(param.shape) != tuple(tensor.shape):
                     raise ValueError(
                         f"HASS head: weight '{ckpt_name}' has shape {list(tensor.shape)}, "
                         f"expected {list(param.shape)}"

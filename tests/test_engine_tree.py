@@ -318,3 +318,18 @@ def test_logprobs_of_accepted_paths(bigram_target, identity_head):
             assert set(la) == set(lb)
             assert all(abs(la[t].logprob - lb[t].logprob) < 1e-3 and la[t].rank == lb[t].rank
                        for t in la)
+
+
+def test_near_max_model_len(random_target, random_head):
+    """Close to max_model_len the drafter stops (no room for its scratch KV) and vLLM
+    truncates drafts; the output still equals no speculation to the last token."""
+    ps = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (60, 90, 100)]
+    sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    outs = {}
+    for name, spec in [("base", None), ("tree", tree_spec(random_head, SMALL_TREE))]:
+        llm = make_llm(random_target, spec, max_model_len=128)
+        outs[name] = [(list(o.outputs[0].token_ids), o.outputs[0].finish_reason)
+                      for o in llm.generate(ps, sp, use_tqdm=False)]
+        free_llm(llm)
+    assert outs["tree"] == outs["base"]
+    assert [len(t) for t, _ in outs["base"]] == [40, 38, 28]  # capped by max_model_len

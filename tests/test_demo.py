@@ -1,0 +1,22 @@
+"""The README's first command, minus the SmolLM2 download: `vllm-hass demo --tiny`."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.engine
+
+
+def test_demo_tiny_serves_and_reports_tau():
+    exe = str(Path(sys.executable).parent / "vllm-hass")
+    r = subprocess.run([exe, "demo", "--tiny", "--tree", "4,3,10", "--max-tokens", "41"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "$ vllm serve " in r.stdout and "--speculative-config" in r.stdout
+    tau = float(re.search(r"tau = accepted/steps \+ 1 = ([0-9.]+)", r.stdout).group(1))
+    # identity head on the bigram target: every step accepts the whole depth-4 path
+    assert tau == 5.0
+    assert "accepted at depth 1..4 (fraction of steps): 1.00, 1.00, 1.00, 1.00" in r.stdout

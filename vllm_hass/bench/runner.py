@@ -132,7 +132,8 @@ EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt): ")
 
 def last_error(log_path: Path, rc: int) -> str:
     """The final exception line of the worker's log, else how it died."""
-    lines = [ln.strip() for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()]
+    text = log_path.read_text(errors="replace") if log_path.exists() else ""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     for ln in reversed(lines):
         if EXCEPTION_LINE.match(ln):
             return ln[:200]

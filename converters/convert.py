@@ -139,6 +139,13 @@ def write_plugin_checkpoint(
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         (tmp / "hass.json").write_text(json.dumps(spec, indent=2) + "\n")
+        # mkdtemp makes a private directory (and safetensors a private file); the result
+        # should carry the permissions any directory the user creates would have
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        for f in tmp.iterdir():
+            f.chmod(0o666 & ~umask)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             out.rename(old)

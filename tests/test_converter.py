@@ -255,6 +255,24 @@ def test_force_replaces(tmp_path, target, capsys):
     assert not (out / "old.txt").exists() and (out / "model.safetensors").exists()
 
 
+def test_output_has_the_users_umask_not_private_temp_modes(tmp_path, target, capsys):
+    import os
+    import stat
+
+    src = tmp_path / "src"
+    make_source(src, target)
+    old = os.umask(0o022)
+    try:
+        rc, _, err = run_cli(capsys, "convert", src, "--target", target, "--out", tmp_path / "out")
+    finally:
+        os.umask(old)
+    assert rc == 0, err
+    out = tmp_path / "out"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == {
+        "model.safetensors": 0o644, "config.json": 0o644, "hass.json": 0o644}
+
+
 def test_rope_mismatch_named_and_resolvable(tmp_path, target, capsys):
     src = tmp_path / "src"
     make_source(src, target)

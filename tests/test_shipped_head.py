@@ -21,7 +21,8 @@ def test_shipped_head_is_a_valid_smollm2_hass_head():
         assert getattr(hc, k) == v, k
     assert ckpt.config["hass"]["kind"] == "hass"
     spec = parse_spec(str(SHIPPED_HEAD / "hass.json"))
-    assert spec.method == "hass"
+    assert spec.model == str(SHIPPED_HEAD.resolve())
+    assert (spec.tree.depth, spec.tree.top_k, spec.tree.total_tokens) == (6, 10, 60)  # the paper's
     record = json.loads((SHIPPED_HEAD / "training.json").read_text())
     assert record["method"] == "hass" and record["recipe"]["steps"] == 3
     assert (SHIPPED_HEAD / "TRAINING.md").read_text().count("vllm-hass train fit") >= 1

@@ -8,9 +8,9 @@ that is checked, not assumed.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from vllm_hass.bench.report import read, vec
 from vllm_hass.errors import UserError
 
 SAME = ("target", "dataset", "num_prompts", "max_tokens", "max_model_len", "seed")
@@ -22,14 +22,6 @@ def add_parser(subparsers):
     p.add_argument("--label", dest="labels", nargs=2, metavar=("A", "B"), default=None,
                    help="column names (default: the directory names)")
     return p
-
-
-def load(path: str) -> dict:
-    f = Path(path) / "results.json" if Path(path).is_dir() else Path(path)
-    try:
-        return json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{f}: cannot read a bench results.json ({e})") from None
 
 
 def table(a: dict, b: dict, labels: tuple[str, str]) -> str:
@@ -61,13 +53,17 @@ def table(a: dict, b: dict, labels: tuple[str, str]) -> str:
              "|---|---:|---:|---:|---:|---:|---|---|"]
     for k in sorted(keys, key=lambda k: (k[2], k[0].startswith("oracle"), k[0], k[1])):
         x, y = ra[k], rb[k]
-        per = lambda r: " ".join(f"{v:.2f}" for v in (r.get("acceptance_per_pos") or r.get("per_depth") or []))  # noqa: E731
         lines.append(f"| {k[0]} | {k[1]} | {k[2]:g} | {x['tau']:.2f} | {y['tau']:.2f} | "
-                     f"{y['tau'] / x['tau']:.3f}× | {per(x)} | {per(y)} |")
+                     f"{y['tau'] / x['tau']:.3f}× | {per_pos(x)} | {per_pos(y)} |")
     return "\n".join(lines)
+
+
+def per_pos(row: dict) -> str:
+    # engine runs call it acceptance_per_pos, oracle shapes per_depth
+    return vec(row.get("acceptance_per_pos") or row.get("per_depth"))
 
 
 def run(args) -> int:
     labels = tuple(args.labels) if args.labels else tuple(Path(p).name for p in args.runs)
-    print(table(load(args.runs[0]), load(args.runs[1]), labels))
+    print(table(read(args.runs[0]), read(args.runs[1]), labels))
     return 0

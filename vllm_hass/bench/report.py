@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from vllm_hass.errors import UserError
+
 
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
@@ -104,7 +106,7 @@ def _f(v, fmt="{:.2f}") -> str:
     return "—" if v is None else fmt.format(v)
 
 
-def _vec(v) -> str:
+def vec(v) -> str:
     return " ".join(f"{x:.2f}" for x in v) if v else "—"
 
 
@@ -120,7 +122,7 @@ def markdown(results: dict) -> str:
     for r in sorted(results["runs"], key=lambda r: (r["temperature"], r["batch_size"])):
         lines.append(
             f"| {r['config']} | {r['batch_size']} | {r['temperature']:g} | {_f(r['tau'])} | "
-            f"{_f(r['oracle_tau'])} | {_vec(r['acceptance_per_pos'])} | {r['tokens_per_s']:.1f} | "
+            f"{_f(r['oracle_tau'])} | {vec(r['acceptance_per_pos'])} | {r['tokens_per_s']:.1f} | "
             f"{r['requests_per_s']:.2f} | {_f(r['speedup'], '{:.2f}×')} | "
             f"{_f(r['match_nospec'], '{:.0%}')} | {r['notes']} |"
         )
@@ -129,7 +131,7 @@ def markdown(results: dict) -> str:
             lines.append(f"| {o['config']} | 1 | 0 | — | — | — | — | — | — | — | {o['error']} |")
             continue
         lines.append(
-            f"| {o['config']} | 1 | 0 | {_f(o['tau'])} | {_f(o['tau'])} | {_vec(o['per_depth'])} | — | — | — | "
+            f"| {o['config']} | 1 | 0 | {_f(o['tau'])} | {_f(o['tau'])} | {vec(o['per_depth'])} | — | — | — | "
             f"{_f(o['match_nospec'], '{:.0%}')} | pure-torch EAGLE-2 reference |"
         )
     not_run = [c for c in results["configs"] if c["status"] != "ok"]
@@ -207,6 +209,16 @@ def plot(results: dict, out: Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
     return paths
+
+
+def read(path: str | Path, flag: str | None = None) -> dict:
+    """A bench results.json: the file itself or the --out directory that holds it."""
+    f = Path(path) / "results.json" if Path(path).is_dir() else Path(path)
+    try:
+        return json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        where = f"{flag} {path}" if flag else str(f)
+        raise UserError(f"{where}: cannot read a bench results.json ({e})") from None
 
 
 def write(results: dict, out: Path) -> list[Path]:

@@ -58,10 +58,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def tau_from_results(path: str) -> float:
-    try:
-        res = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"--results {path}: cannot read a bench results.json ({e})") from None
+    from vllm_hass.bench.report import read
+
+    res = read(path, "--results")
     for r in sorted(res.get("runs", []), key=lambda r: r["batch_size"]):
         if r["config"] == "hass-tree" and r["temperature"] == 0 and r.get("tau"):
             return r["tau"]

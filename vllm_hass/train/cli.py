@@ -111,6 +111,8 @@ def run(args) -> int:
     if cmd == "fetch":
         from vllm_hass import assets
 
+        from .data import write_conversations
+
         if not (args.smollm2 or args.sharegpt or args.mtbench):
             from vllm_hass.errors import UserError
 
@@ -118,15 +120,11 @@ def run(args) -> int:
         if args.smollm2:
             print(assets.smollm2_dir())
         if args.sharegpt:
-            from .data import write_conversations
-
             want = None if args.limit is None else args.skip + args.limit
             records = assets.sharegpt_conversations(limit=want)[args.skip:]
             print(f"{write_conversations(args.sharegpt, records)} conversations -> {args.sharegpt}")
         if args.mtbench:
             from vllm_hass.bench.datasets import load_texts
-
-            from .data import write_conversations
 
             # the reply is left empty for `train data --regenerate` to write
             picked = list(enumerate(load_texts("mtbench")))[args.skip::max(args.stride, 1)]

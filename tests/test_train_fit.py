@@ -114,6 +114,24 @@ def test_two_stage_recipe_has_no_topk_term_before_its_epoch(tiny, capsys):
     assert "epoch 0 " in log and "epoch 1 " in log
 
 
+def test_init_starts_from_the_given_head(tiny, trained):
+    """HASS as stage 2 on top of a trained head: with lr 0 the saved head is the init head,
+    and its first-epoch loss is far below a fresh head's."""
+    root, target = tiny
+    small = dict(epochs=1, limit=12, eval_samples=0, lr=0.0)
+    cont = run(root, target, "cont", init=str(root / "hass"), **small)
+    start = load_head(root / "hass").head_state_dict()
+    for k, v in cont["head"].head_state_dict().items():
+        assert torch.equal(v, start[k]), k
+    fresh = run(root, target, "fresh", **small)
+    assert cont["history"][0] < 0.8 * fresh["history"][0], (cont["history"], fresh["history"])
+
+    with pytest.raises(UserError, match=r"--init .*differs.*\['fc_bias'\]"):
+        run(root, target, "nobias", init=str(root / "hass"), fc_bias=False, **small)
+    with pytest.raises(UserError, match="--init .*no such head directory"):
+        run(root, target, "missing", init=str(root / "nope"), **small)
+
+
 def test_topk_larger_than_stored_is_a_user_error(tiny):
     root, target = tiny
     with pytest.raises(UserError, match="stores only the top 10"):

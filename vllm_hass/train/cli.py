@@ -81,6 +81,8 @@ def add_parser(subparsers) -> None:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--state", help="training state file (default: OUT.state.pt)")
     t.add_argument("--resume", action="store_true")
+    t.add_argument("--init", help="start from this trained head (plugin or repo layout), "
+                   "e.g. HASS on top of an EAGLE head")
     t.add_argument("--force", action="store_true", help="replace an existing --out")
     t.add_argument("--log-every", type=int, default=20)
     t.add_argument("--save-every", type=int, default=200, help="save the state every N steps")
@@ -157,7 +159,7 @@ def run(args) -> int:
             seed=args.seed, fc_bias=args.fc_bias, dtype=args.dtype,
             lm_head_dtype=args.lm_head_dtype, device=args.device, repo_out=args.repo_out,
             state=args.state, resume=args.resume, force=args.force, log_every=args.log_every,
-            save_every=args.save_every, limit=args.limit)
+            save_every=args.save_every, limit=args.limit, init=args.init)
         return 0
     if cmd == "eval":
         from .fit import evaluate_heads

@@ -204,7 +204,7 @@ def fit(*, target: str, data: str, out: str, method: str = "hass", recipe: Recip
         lm_head_dtype: str = "bfloat16", device: str = "cpu",
         repo_out: str | None = None, state: str | None = None, resume: bool = False,
         force: bool = False, log_every: int = 20, save_every: int = 200,
-        limit: int | None = None) -> dict:
+        limit: int | None = None, init: str | None = None) -> dict:
     from vllm_hass.converters.convert import target_config
 
     r = recipe or Recipe(**METHODS[method])
@@ -241,6 +241,15 @@ def fit(*, target: str, data: str, out: str, method: str = "hass", recipe: Recip
 
     torch.manual_seed(seed)
     head = HassHead(cfg).float().to(device)
+    if init:
+        # Continue from a trained head (HASS trains on top of an EAGLE head); fresh optimizer.
+        start = load_init(init)
+        have, want = dataclasses.asdict(start.config), dataclasses.asdict(cfg)
+        diff = sorted(k for k in want if have.get(k) != want[k])
+        if diff:
+            raise UserError(f"--init {init}: head config differs from this run's in {diff} "
+                            "(expected a head trained for the same target, same --no-fc-bias)")
+        head.load_head_state_dict(start.head_state_dict())
     opt = torch.optim.AdamW(head.parameters(), lr=lr, betas=(0.9, 0.95))  # EAGLE's AdamW
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / max(1, total - warm))))
@@ -259,6 +268,7 @@ def fit(*, target: str, data: str, out: str, method: str = "hass", recipe: Recip
     settings = {"method": method, "recipe": dataclasses.asdict(r), "epochs": epochs, "lr": lr,
                 "warmup": warmup, "batch_tokens": batch_tokens, "max_len": max_len, "seed": seed,
                 "fc_bias": fc_bias, "lm_head_dtype": lm_head_dtype,
+                "init": str(Path(init).absolute()) if init else None,
                 "data": str(Path(data).absolute()), "target": str(tdir),
                 "train_samples": len(train_idx), "eval_samples": n_eval,
                 "train_tokens_per_epoch": sum(lengths), "steps": total}
@@ -339,6 +349,17 @@ def load_head(path: str | Path) -> HassHead:
     head = HassHead(cfg)
     head.load_head_state_dict({k: v.float() for k, v in weights.items()})
     return head.float().eval()
+
+
+def load_init(path: str) -> HassHead:
+    if not Path(path).exists():
+        raise UserError(f"--init {path}: no such head directory")
+    try:
+        return load_head(path)
+    except UserError:
+        raise
+    except Exception as e:  # a layout the converter rejects: say which file and why, once
+        raise UserError(f"--init {path}: not a loadable head ({str(e).splitlines()[0]})") from None
 
 
 def evaluate_heads(target: str, data: str, heads: list[str], n: int = 32, steps: int = 5,

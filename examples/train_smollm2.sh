@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The SmolLM2-135M-Instruct EAGLE vs HASS run behind the README's table, end to end on CPU.
 # Identical data, steps and seed for both heads; one thread each (they can run side by side).
-# Cost here (2-core x86 VM, 1 thread each): data 44 min, EAGLE 44 min, HASS ~85 min.
+# Cost here (2-core x86 VM, 1 thread each): data 44 min, EAGLE 41 min, HASS 79 min;
+# stage 2: EAGLE 11.5 min, HASS 38 min.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 B=.venv/bin
@@ -18,14 +19,25 @@ $B/vllm-hass train data --target $T --conversations $OUT/train/mtbench40.jsonl -
   --max-new-tokens 256 --max-len 1024 --out $OUT/train/eval-mtbench40-selfdistill --threads 1
 
 COMMON="--target $T --data $OUT/train/data-sharegpt1024 --epochs 2 --lr 1e-3 --seed 0 --dtype float32 --threads 1"
+# glibc hands the big per-step buffers back to the OS and faults them in again; jemalloc
+# without purging keeps them (HASS trains 1.6x faster with it)
+JE=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
 for m in eagle hass; do
-  # glibc hands the big per-step buffers back to the OS and faults them in again; jemalloc
-  # without purging keeps them (HASS trains 1.6x faster with it)
-  JE=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
   [ -f $JE ] && export LD_PRELOAD=$JE MALLOC_CONF="dirty_decay_ms:-1,muzzy_decay_ms:-1"
   OMP_NUM_THREADS=1 $B/vllm-hass train fit $COMMON --method $m --out $OUT/smollm2-$m \
     --repo-out $OUT/train/smollm2-$m-repo $([ -f $OUT/smollm2-$m.state.pt ] && echo --resume)
   unset LD_PRELOAD MALLOC_CONF
 done
-$B/vllm-hass train eval --target $T --data $OUT/train/eval-mtbench40-selfdistill \
-  --head $OUT/smollm2-eagle --head $OUT/smollm2-hass --samples 40 --steps 5 --threads 1
+# stage 2, as the HASS repo trains: one more epoch on top of the 2-epoch EAGLE head, with
+# each method's loss (same data, steps, seed, start), so both heads end with 3 epochs
+for m in eagle hass; do
+  [ -f $JE ] && export LD_PRELOAD=$JE MALLOC_CONF="dirty_decay_ms:-1,muzzy_decay_ms:-1"
+  OMP_NUM_THREADS=1 $B/vllm-hass train fit --target $T --data $OUT/train/data-sharegpt1024 \
+    --init $OUT/smollm2-eagle --epochs 1 --lr 5e-4 --seed 0 --dtype float32 --threads 1 \
+    --method $m --out $OUT/smollm2-$m-ft --repo-out $OUT/train/smollm2-$m-ft-repo \
+    $([ -f $OUT/smollm2-$m-ft.state.pt ] && echo --resume)
+  unset LD_PRELOAD MALLOC_CONF
+done
+$B/vllm-hass train eval --target $T --data $OUT/train/eval-mtbench40-selfdistill --samples 40 \
+  --steps 5 --threads 1 --head $OUT/smollm2-eagle --head $OUT/smollm2-hass \
+  --head $OUT/smollm2-eagle-ft --head $OUT/smollm2-hass-ft

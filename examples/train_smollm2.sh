@@ -18,26 +18,22 @@ $B/vllm-hass train data --target $T --conversations $OUT/sharegpt-all.jsonl --li
 $B/vllm-hass train data --target $T --conversations $OUT/train/mtbench40.jsonl --regenerate \
   --max-new-tokens 256 --max-len 1024 --out $OUT/train/eval-mtbench40-selfdistill --threads 1
 
-COMMON="--target $T --data $OUT/train/data-sharegpt1024 --epochs 2 --lr 1e-3 --seed 0 --dtype float32 --threads 1"
+# One head: train fit into $OUT/smollm2-NAME (+ the repo layout), resuming a started run.
 # glibc hands the big per-step buffers back to the OS and faults them in again; jemalloc
-# without purging keeps them (HASS trains 1.6x faster with it)
+# without purging keeps them (HASS trains 1.6x faster with it).
 JE=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2
-for m in eagle hass; do
-  [ -f $JE ] && export LD_PRELOAD=$JE MALLOC_CONF="dirty_decay_ms:-1,muzzy_decay_ms:-1"
-  OMP_NUM_THREADS=1 $B/vllm-hass train fit $COMMON --method $m --out $OUT/smollm2-$m \
-    --repo-out $OUT/train/smollm2-$m-repo $([ -f $OUT/smollm2-$m.state.pt ] && echo --resume)
-  unset LD_PRELOAD MALLOC_CONF
-done
+fit() {
+  local name=$1; shift
+  local pre=(); [ -f $JE ] && pre=(LD_PRELOAD=$JE MALLOC_CONF="dirty_decay_ms:-1,muzzy_decay_ms:-1")
+  env "${pre[@]}" OMP_NUM_THREADS=1 $B/vllm-hass train fit --target $T \
+    --data $OUT/train/data-sharegpt1024 --seed 0 --dtype float32 --threads 1 "$@" \
+    --out $OUT/smollm2-$name --repo-out $OUT/train/smollm2-$name-repo \
+    $([ -f $OUT/smollm2-$name.state.pt ] && echo --resume)
+}
+for m in eagle hass; do fit $m --method $m --epochs 2 --lr 1e-3; done
 # stage 2, as the HASS repo trains: one more epoch on top of the 2-epoch EAGLE head, with
 # each method's loss (same data, steps, seed, start), so both heads end with 3 epochs
-for m in eagle hass; do
-  [ -f $JE ] && export LD_PRELOAD=$JE MALLOC_CONF="dirty_decay_ms:-1,muzzy_decay_ms:-1"
-  OMP_NUM_THREADS=1 $B/vllm-hass train fit --target $T --data $OUT/train/data-sharegpt1024 \
-    --init $OUT/smollm2-eagle --epochs 1 --lr 5e-4 --seed 0 --dtype float32 --threads 1 \
-    --method $m --out $OUT/smollm2-$m-ft --repo-out $OUT/train/smollm2-$m-ft-repo \
-    $([ -f $OUT/smollm2-$m-ft.state.pt ] && echo --resume)
-  unset LD_PRELOAD MALLOC_CONF
-done
+for m in eagle hass; do fit $m-ft --method $m --init $OUT/smollm2-eagle --epochs 1 --lr 5e-4; done
 $B/vllm-hass train eval --target $T --data $OUT/train/eval-mtbench40-selfdistill --samples 40 \
   --steps 5 --threads 1 --head $OUT/smollm2-eagle --head $OUT/smollm2-hass \
   --head $OUT/smollm2-eagle-ft --head $OUT/smollm2-hass-ft

@@ -4,8 +4,9 @@
 #   vllm-hass convert ckpt/HASS-LLaMA3-Instruct-70B --target $TARGET --out heads/hass-llama3-70b
 set -euo pipefail
 cd "$(dirname "$0")/.."
+SPEC=${SPEC:-examples/hass-llama3-70b.json}
 TARGET=${TARGET:-meta-llama/Meta-Llama-3-70B-Instruct}
 exec vllm serve "$TARGET" \
   --tensor-parallel-size 8 \
-  --speculative-config examples/hass-llama3-70b.json \
+  --speculative-config "$SPEC" \
   "$@"

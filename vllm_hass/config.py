@@ -233,6 +233,19 @@ def check_model_dir(where: str, path: Path) -> dict:
     return cfg
 
 
+def check_parallel(spec: HassSpec, tensor_parallel_size: int) -> None:
+    """The head runs on the target's tensor-parallel group, sharded like the target:
+    vLLM V1 builds EAGLE-type drafters on that group and would silently ignore any
+    other draft_tensor_parallel_size (0.32/0.33 accept 1 there and still shard)."""
+    dtp = spec.passthrough.get("draft_tensor_parallel_size")
+    if dtp is not None and dtp != tensor_parallel_size:
+        raise UserError(
+            f"{spec.source}: 'draft_tensor_parallel_size' must equal the target's "
+            f"tensor_parallel_size ({tensor_parallel_size}) for a HASS head, got {dtp} "
+            "(leave it out: the head is sharded like the target)"
+        )
+
+
 def check_against_target(spec: HassSpec, target_hf_config) -> None:
     """Dims of the head vs the target, and its weights vs its own config (no tensors loaded)."""
     from vllm_hass.converters.convert import mismatches

@@ -181,35 +181,43 @@ class EagleHassLlamaForCausalLM(LlamaForCausalLM):
         return name, None
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Strict loading through vLLM's sharded weight loaders.
+
+        Checkpoint tensors are checked against the head's full (unsharded) shapes,
+        so the check means the same at every tensor-parallel size; each tensor then
+        goes through its parameter's `weight_loader`, which takes this rank's shard
+        (QKV and gate/up fused column-parallel, o/down row-parallel, vocab-parallel
+        embed_tokens/lm_head) or copies it whole (fc, fc.bias, norms: replicated).
+        """
+        from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+        from vllm_hass.converters.layout import expected_shapes
+        from vllm_hass.head import HeadConfig
+
+        full = expected_shapes(HeadConfig.from_dict(self.config.to_dict()))
+        expected = self._expected_checkpoint_names()
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for ckpt_name, tensor in weights:
             name, shard = self._param_name(ckpt_name)
             param = params.get(name)
-            if param is None:
+            if param is None or ckpt_name not in expected:
                 raise ValueError(
                     f"HASS head: unexpected weight '{ckpt_name}' (this head's config "
                     f"has no such module; flags {hass_flags(self.config)})"
                 )
-            loader = getattr(param, "weight_loader", None)
+            if tuple(tensor.shape) != tuple(full[ckpt_name]):
+                raise ValueError(
+                    f"HASS head: weight '{ckpt_name}' has shape {list(tensor.shape)}, "
+                    f"expected {list(full[ckpt_name])}"
+                )
+            loader = getattr(param, "weight_loader", default_weight_loader)
             if shard is None:
-                # vocab-sized tensors are padded by vLLM; their loader narrows and checks
-                padded = ckpt_name in ("embed_tokens.weight", "lm_head.weight")
-                if not padded and tuple(param.shape) != tuple(tensor.shape):
-                    raise ValueError(
-                        f"HASS head: weight '{ckpt_name}' has shape {list(tensor.shape)}, "
-                        f"expected {list(param.shape)}"
-                    )
-                if loader is None:
-                    param.data.copy_(tensor)
-                else:
-                    loader(param, tensor)
+                loader(param, tensor)
             else:
                 loader(param, tensor, shard)
             loaded.add(ckpt_name)
-        missing = sorted(
-            n for n in self._expected_checkpoint_names() if n not in loaded
-        )
+        missing = sorted(expected - loaded)
         if missing:
             raise ValueError(f"HASS head: missing weight '{missing[0]}'"
                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))

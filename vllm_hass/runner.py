@@ -79,6 +79,9 @@ class HassRunnerMixin:
         self._hass_step = None  # VerifyTrees of the step being verified
         self._hass_info = None  # TreeAttnInfo for the target's attention
         self._hass_acc = None  # Accepted, from _sample to propose_draft_token_ids
+        from vllm_hass import rank_check
+
+        self._hass_rank_check = rank_check.RankChecker() if rank_check.enabled() else None
         logger.info("vllm-hass: EAGLE-2 trees depth=%d top_k=%d total_tokens=%d",
                     tree.depth, tree.top_k, tree.total_tokens)
 
@@ -250,6 +253,12 @@ class HassRunnerMixin:
             drafts[b] = t[0]
             store[ib.req_ids[b]] = t
         self._hass_store = store
+        if self._hass_rank_check is not None:
+            self._hass_rank_check(
+                verified_tokens=None if trees is None else trees.tokens,
+                verified_parents=None if trees is None else trees.parents,
+                accepted_path=acc.path, bonus=acc.bonus, drafted_for=idx,
+                drafted=torch.tensor([x for t in drafted for part in t for x in part]))
         return drafts
 
 

@@ -176,7 +176,8 @@ def _patch_engine_args() -> None:
 
     @functools.wraps(orig_create)
     def create_speculative_config(self, target_model_config, target_parallel_config):
-        from vllm_hass.config import check_against_target, load_spec_dict, parse_spec
+        from vllm_hass.config import (check_against_target, check_parallel, load_spec_dict,
+                                      parse_spec)
 
         user = self.speculative_config
         if isinstance(user, (str, Path)):  # LLM(speculative_config="hass.json")
@@ -187,6 +188,7 @@ def _patch_engine_args() -> None:
             return orig_create(self, target_model_config, target_parallel_config)
 
         spec = parse_spec(user)
+        check_parallel(spec, target_parallel_config.tensor_parallel_size)
         check_against_target(spec, target_model_config.hf_config)
         _tree_friendly_cudagraphs(self)
         # vLLM writes target configs into this dict; keep the caller's dict intact.

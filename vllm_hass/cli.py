@@ -2,7 +2,9 @@
 
 Each subcommand lives beside the code it drives and exposes
 `add_parser(subparsers)`; the parser sets `func`. Imports are lazy so that
-`vllm-hass inspect` does not pay for importing vLLM or transformers.
+`vllm-hass inspect` does not pay for importing vLLM or transformers. Before a
+command runs, the optional modules it needs are looked up (vllm_hass/extras.py):
+a missing one is one line naming the extra to install, never a traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import argparse
 import importlib
 import sys
 
+from vllm_hass import extras
 from vllm_hass.errors import UserError
 
 SUBCOMMANDS = {
@@ -34,9 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             mod = importlib.import_module(module)
         except ImportError as e:  # a subcommand whose optional deps are missing
-            name = next(k for k, v in SUBCOMMANDS.items() if v == module)
-            p = sub.add_parser(name, help=f"(unavailable: {e})")
-            p.set_defaults(func=lambda args, e=e: _raise(UserError(str(e))))
+            err = (extras.missing_extra(e) if isinstance(e, ModuleNotFoundError) else None) \
+                or UserError(str(e))
+            for name in (k for k, v in SUBCOMMANDS.items() if v == module):
+                p = sub.add_parser(name, help=f"(unavailable: {err})", add_help=False)
+                p.add_argument("rest", nargs=argparse.REMAINDER)
+                p.set_defaults(func=lambda args, err=err: _raise(err))
             continue
         mod.add_parser(sub)
     return parser
@@ -49,7 +55,14 @@ def _raise(e: Exception):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        rc = args.func(args)
+        extras.check(args)
+        try:
+            rc = args.func(args)
+        except ModuleNotFoundError as e:  # an optional import the check did not foresee
+            err = extras.missing_extra(e)
+            if err is None:
+                raise
+            raise err from e
     except UserError as e:
         print(f"vllm-hass {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
 import argparse
 import sys
 
+from vllm_hass import extras
 from vllm_hass.errors import UserError
 
 from .cli import add_parser
@@ -13,6 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
     try:
+        extras.check(args)  # a missing optional module: one line naming the extra
         return int(args.func(args) or 0)
     except UserError as e:
         print(f"vllm-hass train: error: {e}", file=sys.stderr)

@@ -58,3 +58,28 @@ def random_head(tmp_path_factory, random_target):
                       lambda hc: fixtures.random_head_state(hc, seed=3), fc_bias=True)
 
 
+
+
+# Sharp attention (so positions and masks are observable) and heads whose drafts depend on
+# their own attention, positions, hidden-state inputs and optional modules.
+FULL_HEAD = dict(fc_bias=True, embed_norm=True, hidden_norm=True, input_layernorm=True,
+                 lm_head_norm=True)
+
+
+@pytest.fixture(scope="session")
+def sharp_target(tmp_path_factory):
+    return fixtures.make_target(tmp_path_factory.mktemp("sharp") / "target", seed=1, context=0.3,
+                                sharp=8.0)
+
+
+@pytest.fixture(scope="session")
+def attentive_head(tmp_path_factory, sharp_target):
+    return write_head(tmp_path_factory.mktemp("attentive") / "head", sharp_target,
+                      lambda hc: fixtures.attentive_head_state(hc, seed=2))
+
+
+@pytest.fixture(scope="session")
+def attentive_full_head(tmp_path_factory, sharp_target):
+    """fc.bias and all four optional norms, with non-trivial weights."""
+    return write_head(tmp_path_factory.mktemp("attentive_full") / "head", sharp_target,
+                      lambda hc: fixtures.attentive_head_state(hc, seed=3), **FULL_HEAD)

@@ -1,4 +1,11 @@
-"""EAGLE-2 trees inside vLLM: lossless at T=0 and T>0, tau, compaction, serving conditions."""
+"""EAGLE-2 trees inside vLLM: lossless at T=0 and T>0, tau, compaction, serving conditions.
+
+The greedy-identity tests run on a target with sharp attention (`sharp_target`), so a wrong
+RoPE position, a mask that lets a sibling through or a KV slot written in the wrong place
+changes the output. Most of them use `ForcedDrafts` (tests/drafthooks.py): trees whose true
+token is present at depth d with probability P_FORCED[d], so many steps accept long paths
+(which must be compacted in the KV cache) and the accepted counts are known exactly.
+"""
 
 import random
 
@@ -6,13 +13,17 @@ import pytest
 import torch
 from vllm import SamplingParams
 
+from drafthooks import ForcedDrafts
 from helpers import chi_square_ok, exact_joint, free_llm, make_llm, prompts, spec_metrics, token_ids
 
 pytestmark = pytest.mark.engine
 
 PAPER_TREE = {"depth": 6, "top_k": 10, "total_tokens": 60}
 SMALL_TREE = {"depth": 4, "top_k": 3, "total_tokens": 10}
-GREEDY = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+MAX_TOKENS = 40
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+P_FORCED = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]  # chance the true token is drafted at depth d
+VOCAB = 475  # the byte-level fixture tokenizer's
 
 
 def tree_spec(head, tree):
@@ -34,12 +45,36 @@ def mixed_prompts(n, seed=0):
 
 
 @pytest.fixture(scope="module")
-def random_baseline(random_target):
-    llm = make_llm(random_target)
+def sharp_baseline(sharp_target):
+    """No speculation on the sharp target, 32 mixed prompts; the continuation runs past
+    MAX_TOKENS (a last step may overshoot by a full path) so forced trees near the end are known."""
+    llm = make_llm(sharp_target)
     ps = mixed_prompts(32)
-    out = token_ids(llm.generate(ps, GREEDY))
+    out = token_ids(llm.generate(ps, SamplingParams(temperature=0, max_tokens=MAX_TOKENS + 16,
+                                                    ignore_eos=True)))
     free_llm(llm)
     return ps, out
+
+
+def forced(monkeypatch, baseline, depth, width, n=None):
+    ps, full = baseline
+    ps, full = ps[:n], full[:n]
+    seqs = {tuple(p["prompt_token_ids"]): p["prompt_token_ids"] + f for p, f in zip(ps, full)}
+    hook = ForcedDrafts(seqs, P_FORCED[:depth], width=width, vocab=VOCAB).install(monkeypatch)
+    return ps, [f[:MAX_TOKENS] for f in full], hook
+
+
+def assert_forced_counts(m, hook):
+    """vLLM's counters equal what the forced trees must yield, depth by depth."""
+    want = hook.per_depth()
+    assert m["num_drafts"] == len(hook.verified())
+    assert m["num_accepted_tokens_per_pos"][:len(want)] == want
+    assert sum(m["num_accepted_tokens_per_pos"][len(want):]) == 0
+    assert want[-1] > 0.1 * m["num_drafts"]  # full-depth paths were accepted
+
+
+def prefix_hits(llm) -> float:
+    return sum(x.value for x in llm.get_metrics() if x.name == "vllm:prefix_cache_hits")
 
 
 def test_identity_head_reaches_depth_plus_one(bigram_target, identity_head):
@@ -61,93 +96,61 @@ def test_identity_head_reaches_depth_plus_one(bigram_target, identity_head):
 
 
 @pytest.mark.parametrize("max_num_seqs", [1, 8])
-def test_greedy_identical_to_no_speculation(random_target, random_head, random_baseline,
-                                            max_num_seqs):
-    ps, want = random_baseline
-    llm = make_llm(random_target, tree_spec(random_head, PAPER_TREE), max_num_seqs=max_num_seqs)
+def test_greedy_identical_to_no_speculation(sharp_target, attentive_head, sharp_baseline,
+                                            max_num_seqs, monkeypatch):
+    """Paper tree, forced drafts (3 siblings per level, 6 levels): output identical to no
+    speculation, accepted counts exactly as forced, prefix-cache hits on the shared prefix."""
+    ps, want, hook = forced(monkeypatch, sharp_baseline, depth=6, width=3)
+    # 32-token blocks: the 140-token shared prefix spans 4 (EAGLE-type drafters drop the
+    # last matched block from a hit)
+    llm = make_llm(sharp_target, tree_spec(attentive_head, PAPER_TREE), max_num_seqs=max_num_seqs,
+                   block_size=32)
+    got = token_ids(llm.generate(ps, GREEDY))
+    m = spec_metrics(llm)
+    hits = prefix_hits(llm)
+    free_llm(llm)
+    assert got == want
+    assert_forced_counts(m, hook)
+    assert hits > 0
+
+
+def test_greedy_identical_with_the_heads_own_trees(sharp_target, attentive_head, sharp_baseline):
+    """The head's real EAGLE-2 trees (irregular shapes, 59 nodes), batch 8."""
+    ps, full = sharp_baseline
+    llm = make_llm(sharp_target, tree_spec(attentive_head, PAPER_TREE), max_num_seqs=8)
     got = token_ids(llm.generate(ps, GREEDY))
     m = spec_metrics(llm)
     free_llm(llm)
-    assert got == want
-    assert m["num_drafts"] > 0
+    assert got == [f[:MAX_TOKENS] for f in full]
+    assert m["num_drafts"] > 0 and m["num_accepted_tokens"] > 0
 
 
-class TrueTokens:
-    """Swaps the drafted trees for trees whose *second* child at every level is the
-    target's true greedy token: every step accepts a full path that must be moved
-    (compacted) in the KV cache, under the target's real attention."""
-
-    def __init__(self, runner_cls, sequences, depth, vocab):
-        self.orig = runner_cls.propose_draft_token_ids
-        self.sequences, self.depth, self.vocab = sequences, depth, vocab
-
-    def __call__(self, runner, *args, **kwargs):
-        import numpy as np
-
-        drafts = self.orig(runner, *args, **kwargs)
-        ib = runner.input_batch
-        B = ib.num_reqs
-        qsl = runner.query_start_loc.cpu[: B + 1].numpy()
-        acc = runner._hass_acc
-        for b, req_id in enumerate(ib.req_ids):
-            if not drafts[b]:
-                continue
-            state = runner.requests[req_id]
-            full = self.sequences[tuple(state.prompt_token_ids)]
-            computed = int(ib.num_computed_tokens_cpu[b])
-            if acc is not None and bool(acc.has_tree[b]):
-                root = computed + 1 + int(acc.length[b])
-            else:
-                root = computed + int(qsl[b + 1] - qsl[b])
-            true = full[root + 1: root + 1 + self.depth]
-            toks, par, dep = [], [], []
-            for lvl, t in enumerate(true, start=1):
-                parent = 0 if lvl == 1 else 2 * (lvl - 1)
-                toks += [(t + 1) % self.vocab, t]
-                par += [parent, parent]
-                dep += [lvl, lvl]
-            drafts[b] = toks
-            runner._hass_store[req_id] = (toks, par, dep)
-        return drafts
-
-
-def test_compaction_under_real_attention(random_target, random_head, random_baseline, monkeypatch):
-    from vllm_hass import runner as runner_mod
-
-    ps, want = random_baseline
-    ps, want = ps[:12], want[:12]
-    sequences = {tuple(p["prompt_token_ids"]): p["prompt_token_ids"] + w for p, w in zip(ps, want)}
-    patch = TrueTokens(runner_mod.HassRunnerMixin, sequences, depth=4, vocab=475)
-    monkeypatch.setattr(runner_mod.HassRunnerMixin, "propose_draft_token_ids",
-                        lambda self, *a, **k: patch(self, *a, **k))
-    llm = make_llm(random_target, tree_spec(random_head, SMALL_TREE))
-    got = token_ids(llm.generate(ps, GREEDY))
-    m = spec_metrics(llm)
-    free_llm(llm)
-    assert got == want
-    per = m["num_accepted_tokens_per_pos"]
-    # all four true tokens accepted at nearly every step (short only at sequence ends)
-    assert per[3] >= 0.8 * m["num_drafts"] and per[0] >= per[3]
-    assert sum(per[4:]) == 0
-
-
-def test_preemption_and_chunked_prefill(random_target, random_head, random_baseline):
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+def test_preemption_and_chunked_prefill(sharp_target, attentive_head, sharp_baseline, monkeypatch,
+                                        mode):
     """A KV cache too small for the batch forces preemption and recompute; a small token
-    budget chunks the long prompts. Output must not change."""
-    ps, want = random_baseline
-    llm = make_llm(random_target, tree_spec(random_head, SMALL_TREE), num_gpu_blocks_override=10, block_size=32,
+    budget chunks the long prompts. Output must not change; every forced path that vLLM
+    verified is accepted (trees drafted just before a preemption are dropped)."""
+    depth, width = (4, 2) if mode == "tree" else (4, 1)
+    ps, want, hook = forced(monkeypatch, sharp_baseline, depth=depth, width=width)
+    spec = (tree_spec(attentive_head, SMALL_TREE) if mode == "tree" else
+            {"method": "hass", "model": str(attentive_head), "num_speculative_tokens": 4})
+    llm = make_llm(sharp_target, spec, num_gpu_blocks_override=10, block_size=32,
                    max_num_batched_tokens=64, max_num_seqs=8, max_model_len=256)
     got = token_ids(llm.generate(ps, GREEDY))
-    preempted = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+    m = spec_metrics(llm)
+    preempted = sum(x.value for x in llm.get_metrics() if x.name == "vllm:num_preemptions")
     free_llm(llm)
     assert got == want
     assert preempted > 0
+    assert 0.5 * sum(hook.verified()) < m["num_accepted_tokens"] <= sum(hook.verified())
 
 
-def test_abort_and_continuous_batching(random_target, random_head, random_baseline):
-    """Requests join while others decode; one is aborted mid-flight; the rest finish intact."""
-    ps, want = random_baseline
-    llm = make_llm(random_target, tree_spec(random_head, SMALL_TREE))
+def test_abort_and_continuous_batching(sharp_target, attentive_head, sharp_baseline, monkeypatch):
+    """Requests join while others decode; one is aborted mid-flight; the rest finish intact,
+    with exactly the forced acceptance."""
+    ps, want, hook = forced(monkeypatch, sharp_baseline, depth=4, width=2, n=10)
+    llm = make_llm(sharp_target, tree_spec(attentive_head, SMALL_TREE))
     engine = llm.llm_engine
     finished, pending = {}, list(range(10))
     for step in range(10_000):
@@ -161,10 +164,12 @@ def test_abort_and_continuous_batching(random_target, random_head, random_baseli
                 finished[out.request_id] = list(out.outputs[0].token_ids)
         if not pending and not engine.has_unfinished_requests():
             break
+    m = spec_metrics(llm)
     free_llm(llm)
     assert "1" not in finished or finished["1"] == want[1]
     for i in (0, *range(2, 10)):
         assert finished[str(i)] == want[i], i
+    assert_forced_counts(m, hook)
 
 
 def test_tree_tau_at_least_chain_tau(bigram_target, tmp_path):
@@ -241,11 +246,12 @@ def test_sampling_matches_target_distribution(small_vocab, mode):
     assert tv < 0.09, tv
 
 
-def test_sampling_options_match_no_speculation(random_target, random_head, random_baseline):
-    """Logprobs, stop tokens, max_tokens and per-request penalties in one mixed batch:
-    what vLLM returns with trees equals what it returns without speculation."""
-    ps, want = random_baseline
-    ps = ps[:8]
+def test_sampling_options_match_no_speculation(sharp_target, attentive_head, sharp_baseline,
+                                               monkeypatch):
+    """Logprobs, stop tokens, max_tokens and per-request penalties in one mixed batch, with
+    forced drafts (long accepted paths): what vLLM returns with trees equals what it returns
+    without speculation."""
+    ps, want, hook = forced(monkeypatch, sharp_baseline, depth=4, width=2, n=8)
     stop_tok = want[2][5]  # appears mid-output for prompt 2
     params = []
     for i in range(8):
@@ -257,15 +263,15 @@ def test_sampling_options_match_no_speculation(random_target, random_head, rando
         params.append(SamplingParams(**kw))
 
     def run(spec):
-        llm = make_llm(random_target, spec)
+        llm = make_llm(sharp_target, spec)
         outs = llm.generate(ps, params, use_tqdm=False)
         m = spec_metrics(llm) if spec else None
         free_llm(llm)
         return outs, m
 
     base, _ = run(None)
-    tree, m = run(tree_spec(random_head, SMALL_TREE))
-    assert m["num_drafts"] > 0
+    tree, m = run(tree_spec(attentive_head, SMALL_TREE))
+    assert m["num_accepted_tokens"] > 1.5 * m["num_drafts"] > 0
     for a, b in zip(base, tree):
         oa, ob = a.outputs[0], b.outputs[0]
         assert list(oa.token_ids) == list(ob.token_ids)
@@ -275,6 +281,7 @@ def test_sampling_options_match_no_speculation(random_target, random_head, rando
             for tok in la:
                 assert abs(la[tok].logprob - lb[tok].logprob) < 1e-3
     assert base[2].outputs[0].finish_reason == "stop"
+    assert not hook.expected.get(tuple(ps[1]["prompt_token_ids"]))  # penalties: no drafts
 
 
 def test_logprobs_of_accepted_paths(bigram_target, identity_head):
@@ -296,16 +303,27 @@ def test_logprobs_of_accepted_paths(bigram_target, identity_head):
                        for t in la)
 
 
-def test_near_max_model_len(random_target, random_head):
-    """Close to max_model_len the drafter stops (no room for its scratch KV) and vLLM
-    truncates drafts; the output still equals no speculation to the last token."""
+def test_near_max_model_len(sharp_target, attentive_head, monkeypatch):
+    """Close to max_model_len the drafter stops drafting (no room left for the tree and its
+    scratch KV) and the request decodes on without drafts: output equals no speculation to
+    the last token, forced paths are accepted up to the limit."""
     ps = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (60, 90, 100)]
     sp = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
-    outs = {}
-    for name, spec in [("base", None), ("tree", tree_spec(random_head, SMALL_TREE))]:
-        llm = make_llm(random_target, spec, max_model_len=128)
-        outs[name] = [(list(o.outputs[0].token_ids), o.outputs[0].finish_reason)
-                      for o in llm.generate(ps, sp, use_tqdm=False)]
-        free_llm(llm)
-    assert outs["tree"] == outs["base"]
-    assert [len(t) for t, _ in outs["base"]] == [40, 38, 28]  # capped by max_model_len
+    llm = make_llm(sharp_target, max_model_len=128)
+    base = token_ids(llm.generate(ps, SamplingParams(temperature=0, max_tokens=56, ignore_eos=True),
+                                  use_tqdm=False))  # past max_tokens where the model allows
+    free_llm(llm)
+    want = [b[:40] for b in base]
+    assert [len(t) for t in want] == [40, 38, 28]  # capped by max_model_len
+    hook = ForcedDrafts({tuple(p["prompt_token_ids"]): p["prompt_token_ids"] + b
+                         for p, b in zip(ps, base)}, P_FORCED[:4], width=2, vocab=VOCAB)
+    hook.install(monkeypatch)
+    llm = make_llm(sharp_target, tree_spec(attentive_head, SMALL_TREE), max_model_len=128)
+    got = token_ids(llm.generate(ps, sp, use_tqdm=False))
+    m = spec_metrics(llm)
+    free_llm(llm)
+    assert got == want
+    assert m["num_accepted_tokens"] > m["num_drafts"]
+    # room = last position + 1 + max(drafts, scratch) = root + 10 < 128: roots stop at 117
+    last_roots = [max(hook.roots[tuple(p["prompt_token_ids"])]) for p in ps[1:]]
+    assert all(110 <= r <= 117 for r in last_roots), last_roots

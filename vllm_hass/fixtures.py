@@ -88,9 +88,19 @@ def make_target(
     seed: int = 0,
     vocab_size: int | None = None,
     with_tokenizer: bool = True,
+    context: float = 1.0,
+    sharp: float = 1.0,
     **shape,
 ) -> Path:
-    """A random Llama target saved in HF format (safetensors + config + tokenizer)."""
+    """A random Llama target saved in HF format (safetensors + config + tokenizer).
+
+    `context` scales every o_proj/down_proj (1 = a random Llama, 0 = the bigram
+    target): below 1 the next token mostly follows the current one, so a head that
+    knows the bigram table is often but not always right. `sharp` scales q_proj and
+    k_proj: random init attends almost uniformly (logit std ~0.05), which hides wrong
+    positions and masks; at sharp ~8 each query attends to a few keys, so an
+    off-by-one RoPE position or a sibling leaking through a tree mask changes logits.
+    """
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -105,16 +115,20 @@ def make_target(
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**cfg_dict)).float()
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    if bigram:
-        for k in sd:
-            if k.endswith("o_proj.weight") or k.endswith("down_proj.weight"):
-                sd[k].zero_()
+    for k in sd:
+        if k.endswith(("o_proj.weight", "down_proj.weight")):
+            sd[k].mul_(0.0 if bigram else context)
+        elif k.endswith(QK):
+            sd[k].mul_(sharp)
     save_file(sd, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(cfg_dict, indent=2))
     (out / "generation_config.json").write_text(
         json.dumps({"bos_token_id": 0, "eos_token_id": 1})
     )
     return out
+
+
+QK = ("q_proj.weight", "k_proj.weight")
 
 
 def target_config(target_dir: str | os.PathLike) -> dict:
@@ -165,3 +179,32 @@ def random_head_state(cfg: HeadConfig, seed: int = 0) -> dict[str, torch.Tensor]
         else:
             torch.nn.init.normal_(p, std=0.02)
     return {k: v.detach().contiguous() for k, v in head.head_state_dict().items()}
+
+
+def attentive_head_state(cfg: HeadConfig, seed: int = 0, scale: float = 20.0, attention: float = 30.0,
+                         sharp: float = 30.0, hidden: float = 0.05) -> dict[str, torch.Tensor]:
+    """A head whose drafts depend on everything the drafter feeds it: an identity path
+    (`scale` * embedding of the token fed) plus sharp random attention with a large
+    o_proj (`attention`, `sharp`) and a random projection of the target's hidden state
+    (`hidden`). Measured with the oracle on `make_target(context=0.3, sharp=8)`: shifting
+    the draft's RoPE positions by one changes 13% of chains and 36% of 4/3/10 trees, and
+    feeding the first pass the previous position's hidden state 46% / 96%.
+    Optional modules named in `cfg` (fc_bias and the norms) get random, non-trivial
+    weights, so dropping any of them changes the drafts."""
+    sd = identity_head_state(cfg, scale=scale, seed=seed,
+                             fc_bias=0.0 if cfg.fc_bias else None)
+    g = torch.Generator().manual_seed(seed + 7)
+    H = cfg.hidden_size
+    sd["fc.weight"][:, H:] = hidden * scale * 0.02 * torch.randn(H, H, generator=g) / H**0.5
+    for k in QK:
+        w = sd[f"layers.0.self_attn.{k}"]
+        sd[f"layers.0.self_attn.{k}"] = torch.randn(w.shape, generator=g) * 0.02 * sharp / scale**0.5
+    o = sd["layers.0.self_attn.o_proj.weight"]
+    sd["layers.0.self_attn.o_proj.weight"] = torch.randn(o.shape, generator=g) * 0.02 * attention
+    if cfg.fc_bias:
+        sd["fc.bias"] = 0.3 * scale * 0.02 * torch.randn(H, generator=g)
+    for name in ("embed_norm.weight", "hidden_norm.weight", "layers.0.input_layernorm.weight",
+                 "lm_head_norm.weight"):
+        if name in sd:
+            sd[name] = 1.0 + 0.5 * torch.randn(H, generator=g)
+    return {k: v.contiguous() for k, v in sd.items()}

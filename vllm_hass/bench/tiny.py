@@ -30,17 +30,8 @@ def noisy_identity_state(cfg, scale: float, noise: float, seed: int = 0) -> dict
     return sd
 
 
-QK = ("q_proj.weight", "k_proj.weight")
-
-
 def _scale(sd: dict, suffixes: tuple[str, ...], factor: float) -> dict:
     return {k: (v * factor).contiguous() if k.endswith(suffixes) else v for k, v in sd.items()}
-
-
-def _rescale_file(path: Path, suffixes: tuple[str, ...], factor: float) -> None:
-    from safetensors.torch import load_file, save_file
-
-    save_file(_scale(load_file(str(path)), suffixes, factor), str(path))
 
 
 def write_tiny(
@@ -62,17 +53,14 @@ def write_tiny(
     Returns (target_dir, head_dir, spec_path).
     """
     out = Path(out)
-    target = fixtures.make_target(out / "target", bigram=bigram, seed=seed, **shape)
-    if not bigram and context != 1.0:
-        _rescale_file(target / "model.safetensors", ("o_proj.weight", "down_proj.weight"), context)
-    if sharp != 1.0:
-        _rescale_file(target / "model.safetensors", QK, sharp)
+    target = fixtures.make_target(out / "target", bigram=bigram, seed=seed, context=context,
+                                  sharp=sharp, **shape)
     tcfg = fixtures.target_config(target)
     cfg = fixtures.head_config_for(tcfg)
     if head == "identity":
         weights = noisy_identity_state(cfg, scale, noise, seed)
     elif head == "random":
-        weights = _scale(fixtures.random_head_state(cfg, seed), QK, sharp)
+        weights = _scale(fixtures.random_head_state(cfg, seed), fixtures.QK, sharp)
     else:
         raise ValueError(f"head: expected 'identity' or 'random', got {head!r}")
     head_dir = write_plugin_checkpoint(

@@ -8,7 +8,7 @@ STAMP    = $(VENV)/.vllm-hass-installed
 # vLLM on CPU wants Intel OpenMP preloaded (timings swing 50x without it).
 RUNENV   = LD_PRELOAD=$(abspath $(VENV))/lib/libiomp5.so VLLM_CPU_KVCACHE_SPACE=1 HF_HUB_OFFLINE=1
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast mutants clean
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ test: setup
 
 test-fast: setup
 	$(RUNENV) $(BIN)/pytest -q -m "not engine and not slow" $(PYTEST_ARGS)
+
+# Each listed bug applied to a copy of the tree must fail its tests (also run by `make test`).
+mutants: setup
+	$(RUNENV) $(BIN)/python tests/mutants.py $(MUTANTS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

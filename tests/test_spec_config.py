@@ -56,6 +56,8 @@ BAD = [
     ({"tree": [6, 10, 60]}, "'tree' must be an object"),
     ({"num_speculative_tokens": 3, "draft_tensor_parallel_size": "2"},
      "'draft_tensor_parallel_size' must be an integer"),
+    # not a SpeculativeConfig field in vLLM 0.32/0.33 (it would fail deep in pydantic)
+    ({"num_speculative_tokens": 3, "disable_by_batch_size": 8}, "unknown key 'disable_by_batch_size'"),
 ]
 
 

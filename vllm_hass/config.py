@@ -27,7 +27,6 @@ PASSTHROUGH = {
     "revision": str,
     "code_revision": str,
     "quantization": str,
-    "disable_by_batch_size": int,
     "enforce_eager": bool,
 }
 TREE_KEYS = ("depth", "top_k", "total_tokens")

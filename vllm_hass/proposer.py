@@ -34,6 +34,7 @@ _MASKED_PARAMS = (
     ("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0),
     ("min_p", 0.0), ("logit_bias", None), ("allowed_token_ids", None), ("bad_words", None),
     ("structured_outputs", None), ("logits_processors", None),
+    ("thinking_token_budget", None),  # vLLM applies it to draft rows from the token history
 )
 
 

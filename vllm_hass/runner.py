@@ -180,7 +180,7 @@ class HassRunnerMixin:
 
         self.input_batch.update_async_output_token_ids()
         trees = self._hass_step
-        out, acc = tree_sample(self, logits, trees, self._hass_tree.top_k)
+        out, acc = tree_sample(self, logits, trees, self._hass_tree.top_k, self._hass_tree.depth)
         B = trees.n.shape[0]
         root = torch.from_numpy(
             self.input_batch.num_computed_tokens_cpu[:B].astype(np.int64)).to(self.device)

@@ -53,30 +53,44 @@ def process_rows(logits: torch.Tensor, counts: torch.Tensor, md) -> torch.Tensor
     return apply_top_k_top_p(logits, k, p)
 
 
-def _uniform_fn(batch: int, generators: dict[int, torch.Generator], device):
-    def uniform(_step: int) -> torch.Tensor:
-        u = torch.rand(batch, dtype=torch.float64, device=device)
-        for i, g in generators.items():
-            u[i] = torch.rand(1, dtype=torch.float64, device=device, generator=g)
-        return u.float()
+def _draws(batch: int, n: int, generators: dict[int, torch.Generator], device) -> torch.Tensor:
+    """[batch, n] U(0,1) draws for one verify step, float64.
+
+    A fixed number per row, whatever the rest of the batch does (vLLM's contract for a
+    seeded request: its tokens depend on its own generator only). Unseeded rows share
+    the global generator, seeded rows draw from their own."""
+    u = torch.rand(batch, n, dtype=torch.float64, device=device)
+    for i, g in generators.items():
+        u[i] = torch.rand(n, dtype=torch.float64, device=device, generator=g)
+    return u
+
+
+def _uniform_fn(u: torch.Tensor, max_children: int):
+    """accept_sampled's uniform(level, sibling) -> [B]: a fixed column per decision."""
+    def uniform(level: int, sibling: int) -> torch.Tensor:
+        return u[:, level * max_children + sibling].float()
 
     return uniform
 
 
-def _sample_fn(generators: dict[int, torch.Generator]):
-    def sample(p: torch.Tensor) -> torch.Tensor:
-        p = p.clamp(min=0)
+def _sample_fn(u: torch.Tensor, offset: int):
+    """accept_sampled's sample(p, level) -> [B]: inverse-CDF sampling of each row's
+    residual with that row's draw for this level (exactly p's law)."""
+    def sample(p: torch.Tensor, level: int) -> torch.Tensor:
+        p = p.clamp(min=0).double()
         p = torch.where(p.sum(-1, keepdim=True) > 0, p, torch.ones_like(p))
-        out = torch.multinomial(p, 1).squeeze(1)
-        for i, g in generators.items():
-            out[i] = torch.multinomial(p[i], 1, generator=g).squeeze(0)
-        return out
+        cdf = p.cumsum(-1)
+        x = u[:, offset + level].unsqueeze(1) * cdf[:, -1:]
+        out = torch.searchsorted(cdf, x, right=True).squeeze(1)
+        return out.clamp(max=p.shape[-1] - 1)
 
     return sample
 
 
-def tree_sample(runner, logits: torch.Tensor, trees: VerifyTrees, max_children: int):
-    """Returns (SamplerOutput, Accepted)."""
+def tree_sample(runner, logits: torch.Tensor, trees: VerifyTrees, max_children: int,
+                max_depth: int | None = None):
+    """Returns (SamplerOutput, Accepted). max_depth: the deepest tree the engine drafts
+    (its configured depth); it fixes how many random draws each row takes per step."""
     md = runner.input_batch.sampling_metadata
     B, N = trees.tokens.shape
     dev = logits.device
@@ -98,8 +112,11 @@ def tree_sample(runner, logits: torch.Tensor, trees: VerifyTrees, max_children: 
         probs = torch.zeros(B, N, logits.shape[-1], dtype=torch.float32, device=dev)
         probs[live] = torch.softmax(processed, dim=-1)
         gens = md.generators or {}
-        s_path, s_bonus = accept_sampled(trees, probs, _uniform_fn(B, gens, dev), _sample_fn(gens),
-                                         max_children)
+        depth = int(trees.depths.max()) if max_depth is None else max_depth
+        n_accept = (depth + 1) * max_children
+        u = _draws(B, n_accept + depth + 1, gens, dev)
+        s_path, s_bonus = accept_sampled(trees, probs, _uniform_fn(u, max_children),
+                                         _sample_fn(u, n_accept), max_children)
         random = md.temperature >= GREEDY_EPS if md.temperature is not None else ~has_tree
         if s_path.shape[1] < path.shape[1]:
             s_path = torch.nn.functional.pad(s_path, (0, path.shape[1] - s_path.shape[1]), value=-1)

@@ -167,12 +167,13 @@ def accept_greedy(trees: VerifyTrees, argmax: torch.Tensor):
     return path, bonus
 
 
-def accept_sampled(trees: VerifyTrees, probs: torch.Tensor, uniform: Callable[[int], torch.Tensor],
-                   sample: Callable[[torch.Tensor], torch.Tensor], max_children: int):
+def accept_sampled(trees: VerifyTrees, probs: torch.Tensor, uniform: Callable[[int, int], torch.Tensor],
+                   sample: Callable[[torch.Tensor, int], torch.Tensor], max_children: int):
     """probs [B, N, V]: the target's (processed) distribution at each slot.
 
-    uniform(step) -> [B] fresh U(0,1) draws; sample(p [B,V]) -> [B] tokens ~ p.
-    Returns (path [B, D], bonus [B]).
+    uniform(level, sibling) -> [B] U(0,1) draws for trying that sibling at that level;
+    sample(p [B,V], level) -> [B] tokens ~ p. Each decision has its own draw, so a
+    row's draws do not depend on the other rows. Returns (path [B, D], bonus [B]).
     """
     B, N, V = probs.shape
     dev = probs.device
@@ -183,7 +184,6 @@ def accept_sampled(trees: VerifyTrees, probs: torch.Tensor, uniform: Callable[[i
     bonus = torch.zeros(B, dtype=torch.long, device=dev)
     path = torch.full((B, max(max_depth, 1)), -1, dtype=torch.long, device=dev)
     b_idx = torch.arange(B, device=dev)
-    draws = 0
     for level in range(max_depth + 1):
         p = probs[b_idx, cur].clone()  # residual at the current node
         moved = torch.zeros(B, dtype=torch.bool, device=dev)
@@ -195,8 +195,7 @@ def accept_sampled(trees: VerifyTrees, probs: torch.Tensor, uniform: Callable[[i
             if not bool(try_.any()):
                 break
             px = p.gather(1, x.clamp(min=0).unsqueeze(1)).squeeze(1)
-            u = uniform(draws)
-            draws += 1
+            u = uniform(level, s)
             acc = try_ & (u < px)
             rej = try_ & ~acc
             if bool(rej.any()):
@@ -206,7 +205,7 @@ def accept_sampled(trees: VerifyTrees, probs: torch.Tensor, uniform: Callable[[i
             nxt = torch.where(acc, c, nxt)
         stop = ~done & ~moved
         if bool(stop.any()):
-            drawn = sample(p)  # every sibling rejected (or a leaf): sample the residual
+            drawn = sample(p, level)  # every sibling rejected (or a leaf): sample the residual
             bonus = torch.where(stop, drawn, bonus)
         done |= stop
         if level < path.shape[1]:

@@ -225,3 +225,88 @@ def test_thinking_token_budget_is_not_eligible():
     sampler applies only temperature/top-k/top-p to tree rows, so such requests must
     decode without drafts."""
     assert tree_eligible(SamplingParams(thinking_token_budget=16)) is False
+
+
+# --- refusals added with the GPU-grade step's checks -----------------------------------
+
+def _cfg(**kw):
+    """vllm_config() plus the fields the newer checks read."""
+    base = vllm_config(kw.pop("hf", None))
+    base.cache_config = SimpleNamespace(cache_dtype=kw.pop("cache_dtype", "auto"))
+    base.parallel_config = SimpleNamespace(pipeline_parallel_size=1,
+                                           decode_context_parallel_size=kw.pop("dcp", 1),
+                                           enable_dbo=kw.pop("dbo", False), ubatch_size=1)
+    assert not kw
+    return base
+
+
+CHAIN = SimpleNamespace(top_k=1, depth=3, total_tokens=4)
+TREE = SimpleNamespace(top_k=3, depth=4, total_tokens=10)
+
+
+@pytest.mark.parametrize("hf_kw, message", [
+    (dict(attn_logit_softcapping=50.0), "logit soft-capping (attn_logit_softcapping)"),
+    (dict(alibi=True), "ALiBi (alibi)"),
+    (dict(position_embedding_type="alibi"), "ALiBi (position_embedding_type)"),
+    (dict(attention_sinks=True), "attention sinks"),
+])
+def test_attention_variants_the_tree_kernel_ignores_are_refused(hf_kw, message):
+    hf = transformers.LlamaConfig(num_hidden_layers=2)
+    for k, v in hf_kw.items():
+        setattr(hf, k, v)
+    msg = refusal(check_tree_support, _cfg(hf=hf), TREE)
+    assert msg.startswith("HASS trees: ") and message in msg and msg.endswith("(use chain mode)")
+    check_tree_support(_cfg(hf=hf), CHAIN)  # a chain uses vLLM's own kernels
+
+
+def test_fp8_kv_cache_refused_for_trees():
+    assert refusal(check_tree_support, _cfg(cache_dtype="fp8"), TREE) == (
+        "HASS trees: kv_cache_dtype 'fp8' is not supported (the tree kernel and KV compaction "
+        "read the cache in the model dtype): use --kv-cache-dtype auto or chain mode")
+    check_tree_support(_cfg(cache_dtype="fp8"), CHAIN)
+    check_tree_support(_cfg(), TREE)
+
+
+def test_chains_are_not_refused_for_sliding_window():
+    hf = transformers.MistralConfig(sliding_window=4096, num_hidden_layers=2)
+    check_tree_support(_cfg(hf=hf), CHAIN)
+    assert refusal(check_tree_support, _cfg(hf=hf), TREE) == SLIDING
+
+
+@pytest.mark.parametrize("kw, start", [
+    (dict(dcp=2), "HASS: decode context parallelism"),
+    (dict(dbo=True), "HASS: micro-batching"),
+])
+def test_parallel_modes_refused(kw, start):
+    for tree in (CHAIN, TREE):
+        assert refusal(check_tree_support, _cfg(**kw), tree).startswith(start)
+
+
+def test_attention_backends_without_tree_masks_are_refused():
+    from vllm_hass.attention import TreeCPUAttentionBackend
+    from vllm_hass.runner import check_tree_backends
+
+    class FlashInfer:  # a backend the plugin has not wrapped
+        @staticmethod
+        def get_name():
+            return "FLASHINFER"
+
+    ours = [[SimpleNamespace(backend=TreeCPUAttentionBackend)]]
+    check_tree_backends(ours, TREE)
+    mixed = [*ours, [SimpleNamespace(backend=FlashInfer)]]
+    assert refusal(check_tree_backends, mixed, TREE) == (
+        "HASS trees: attention backend FLASHINFER cannot apply tree masks (verification would be "
+        "lossy); use --attention-backend FLASH_ATTN or TRITON_ATTN on CUDA, or chain mode "
+        "(num_speculative_tokens, no tree)")
+    check_tree_backends(mixed, CHAIN)  # chains need no mask
+
+
+def test_model_runner_v2_refused(monkeypatch):
+    from vllm_hass.vllm_patches import _refuse_v2_runner
+
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    assert refusal(_refuse_v2_runner) == (
+        "HASS: VLLM_USE_V2_MODEL_RUNNER=1 selects Model Runner V2, which does not run the "
+        "plugin's step (trees would be dropped): unset it")
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
+    _refuse_v2_runner()

@@ -91,6 +91,7 @@ class TreeCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
 
 
 class TreeCPUAttentionBackend(CPUAttentionBackend):
+    hass_tree_masks = True  # read by runner.check_tree_backends
     @staticmethod
     def get_impl_cls():
         return TreeCPUAttentionImpl

@@ -51,12 +51,14 @@ class TreeTritonAttentionImpl(_TreeRows, TritonAttentionImpl):
 
 
 class TreeFlashAttentionBackend(FlashAttentionBackend):
+    hass_tree_masks = True  # read by runner.check_tree_backends
     @staticmethod
     def get_impl_cls():
         return TreeFlashAttentionImpl
 
 
 class TreeTritonAttentionBackend(TritonAttentionBackend):
+    hass_tree_masks = True
     @staticmethod
     def get_impl_cls():
         return TreeTritonAttentionImpl

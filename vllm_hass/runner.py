@@ -43,31 +43,79 @@ def tree_config(vllm_config):
     return TreeConfig(**tree)
 
 
-def check_tree_support(vllm_config) -> None:
-    """Refuse configurations the tree path cannot serve exactly (one line each)."""
+def check_tree_support(vllm_config, tree=None) -> None:
+    """Refuse configurations the plugin's step cannot serve exactly (one line each).
+
+    `tree`: the engine's TreeConfig; None = a branching tree. Checks marked "trees"
+    concern the tree masks and tree positions, which a chain (top_k = 1) does not use:
+    its drafts are the tail of a causal query, which vLLM's own kernels serve."""
     from vllm_hass.errors import UserError
 
+    branching = tree is None or tree.top_k > 1
     model = vllm_config.model_config
     hf = model.hf_text_config
-    if getattr(hf, "sliding_window", None) or getattr(hf, "layer_types", None) and any(
-        t != "full_attention" for t in hf.layer_types
-    ):
-        raise UserError("HASS trees: sliding-window attention is not supported (use chain mode)")
-    if model.uses_mrope:
-        raise UserError("HASS trees: M-RoPE models are not supported (use chain mode)")
+    parallel = vllm_config.parallel_config
+    if branching:
+        if getattr(hf, "sliding_window", None) or getattr(hf, "layer_types", None) and any(
+            t != "full_attention" for t in hf.layer_types
+        ):
+            raise UserError("HASS trees: sliding-window attention is not supported (use chain mode)")
+        if model.uses_mrope:
+            raise UserError("HASS trees: M-RoPE models are not supported (use chain mode)")
+        # the tree kernel computes plain softmax attention: refuse what it would ignore
+        for attr, what in (("attn_logit_softcapping", "logit soft-capping"),
+                           ("alibi", "ALiBi"), ("use_alibi", "ALiBi")):
+            if getattr(hf, attr, None):
+                raise UserError(f"HASS trees: {what} ({attr}) is not supported by the tree "
+                                "attention kernel (use chain mode)")
+        if getattr(hf, "position_embedding_type", None) == "alibi":
+            raise UserError("HASS trees: ALiBi (position_embedding_type) is not supported by the "
+                            "tree attention kernel (use chain mode)")
+        if getattr(hf, "model_type", "") == "gpt_oss" or getattr(hf, "attention_sinks", None):
+            raise UserError("HASS trees: attention sinks are not supported by the tree attention "
+                            "kernel (use chain mode)")
+        cache_dtype = str(getattr(getattr(vllm_config, "cache_config", None), "cache_dtype", "auto"))
+        if cache_dtype != "auto":
+            raise UserError(f"HASS trees: kv_cache_dtype {cache_dtype!r} is not supported (the tree "
+                            "kernel and KV compaction read the cache in the model dtype): use "
+                            "--kv-cache-dtype auto or chain mode")
     if vllm_config.scheduler_config.async_scheduling:
         raise UserError("HASS trees need synchronous scheduling: pass --no-async-scheduling")
     if vllm_config.kv_transfer_config is not None:
         raise UserError("HASS trees: KV connectors are not supported (KV is compacted in place)")
-    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+    if parallel.pipeline_parallel_size > 1:
         raise UserError("HASS trees: pipeline parallelism is not supported")
+    if getattr(parallel, "decode_context_parallel_size", 1) > 1:
+        raise UserError("HASS: decode context parallelism (--decode-context-parallel-size > 1) is "
+                        "not supported (the plugin's positions and KV moves assume each rank holds "
+                        "the whole sequence)")
+    if getattr(parallel, "enable_dbo", False) or getattr(parallel, "ubatch_size", 1) > 1:
+        raise UserError("HASS: micro-batching (--enable-dbo / ubatch_size > 1) is not supported "
+                        "(one tree step is laid out for the whole batch)")
+
+
+def check_tree_backends(attn_groups, tree) -> None:
+    """Every attention backend of the engine must apply the tree masks (those registered
+    by vllm_hass.attention*), else a branching tree's verification would silently
+    attend across siblings. Chains need no mask."""
+    from vllm_hass.errors import UserError
+
+    if tree is not None and tree.top_k == 1:
+        return
+    for group in (g for groups in attn_groups for g in groups):
+        if not getattr(group.backend, "hass_tree_masks", False):
+            name = group.backend.get_name() if hasattr(group.backend, "get_name") else group.backend
+            raise UserError(
+                f"HASS trees: attention backend {name} cannot apply tree masks (verification "
+                "would be lossy); use --attention-backend FLASH_ATTN or TRITON_ATTN on CUDA, "
+                "or chain mode (num_speculative_tokens, no tree)")
 
 
 class HassRunnerMixin:
     def __init__(self, vllm_config, device):
         tree = tree_config(vllm_config)
         if tree is not None:
-            check_tree_support(vllm_config)
+            check_tree_support(vllm_config, tree)
         super().__init__(vllm_config, device)
         self._hass_tree = tree
         if tree is None:
@@ -84,6 +132,12 @@ class HassRunnerMixin:
         self._hass_rank_check = rank_check.RankChecker() if rank_check.enabled() else None
         logger.info("vllm-hass: EAGLE-2 trees depth=%d top_k=%d total_tokens=%d",
                     tree.depth, tree.top_k, tree.total_tokens)
+
+    def initialize_kv_cache(self, *args, **kwargs):
+        super().initialize_kv_cache(*args, **kwargs)
+        if self._hass_tree is not None:  # at start-up: the backends are chosen by now
+            groups = [*self.attn_groups, getattr(self.drafter, "draft_attn_groups", [])]
+            check_tree_backends(groups, self._hass_tree)
 
     # -- step layout ---------------------------------------------------------------
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):

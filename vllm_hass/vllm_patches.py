@@ -166,6 +166,16 @@ def _tree_friendly_cudagraphs(engine_args) -> None:
                         "use -cc.cudagraph_mode=PIECEWISE (or leave it unset)")
 
 
+def _refuse_v2_runner() -> None:
+    """VLLM_USE_V2_MODEL_RUNNER=1 forces Model Runner V2, which would drop the plugin's
+    runner (section 3) and with it trees and the lossless sampler, silently."""
+    import vllm.envs as envs
+
+    if envs.VLLM_USE_V2_MODEL_RUNNER:
+        raise UserError("HASS: VLLM_USE_V2_MODEL_RUNNER=1 selects Model Runner V2, which does not "
+                        "run the plugin's step (trees would be dropped): unset it")
+
+
 def _patch_engine_args() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
@@ -188,6 +198,7 @@ def _patch_engine_args() -> None:
             return orig_create(self, target_model_config, target_parallel_config)
 
         spec = parse_spec(user)
+        _refuse_v2_runner()
         check_parallel(spec, target_parallel_config.tensor_parallel_size)
         check_against_target(spec, target_model_config.hf_config)
         _tree_friendly_cudagraphs(self)

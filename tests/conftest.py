@@ -83,3 +83,12 @@ def attentive_full_head(tmp_path_factory, sharp_target):
     """fc.bias and all four optional norms, with non-trivial weights."""
     return write_head(tmp_path_factory.mktemp("attentive_full") / "head", sharp_target,
                       lambda hc: fixtures.attentive_head_state(hc, seed=3), **FULL_HEAD)
+
+
+@pytest.fixture(scope="session")
+def small_vocab(tmp_path_factory):
+    """A 6-token target and a random head: exact output laws are cheap to compute."""
+    d = tmp_path_factory.mktemp("small")
+    target = fixtures.make_target(d / "target", seed=7, vocab_size=6, with_tokenizer=False)
+    head = write_head(d / "head", target, lambda hc: fixtures.random_head_state(hc, seed=8))
+    return target, head

@@ -15,7 +15,7 @@ import pytest
 from vllm import SamplingParams
 
 from helpers import (VLLM, check_identity_completion, chi_square_ok, exact_joint, free_llm, make_llm, prompts, serve_env,
-                     spec_metrics, start_server, stop_server, token_ids, write_head)
+                     spec_metrics, start_server, stop_server, token_ids)
 
 pytestmark = [
     pytest.mark.engine,
@@ -102,7 +102,7 @@ def test_tp2_preemption_and_chunked_prefill(random_target, random_head, tp2_base
     assert_ranks_checked(capfd)
 
 
-def test_tp2_sampling_matches_target_distribution(small_vocab_tp, capfd):
+def test_tp2_sampling_matches_target_distribution(small_vocab, capfd):
     """T = 1 through the tree sampler at TP = 2, 3,000 requests: the joint law of the
     first two tokens (36 cells; the second comes out of the tree sampler) against the
     target's exact probabilities, chi-square at p = 0.001. Power at this n, by simulation
@@ -114,7 +114,7 @@ def test_tp2_sampling_matches_target_distribution(small_vocab_tp, capfd):
     numbers (any divergence raises through the rank check)."""
     import torch
 
-    target, head = small_vocab_tp
+    target, head = small_vocab
     prompt, n = [1, 4, 2], 3_000
     sp = [SamplingParams(temperature=1.0, max_tokens=2, seed=i, ignore_eos=True) for i in range(n)]
     llm = make_llm(target, {"method": "hass", "model": str(head),
@@ -133,16 +133,6 @@ def test_tp2_sampling_matches_target_distribution(small_vocab_tp, capfd):
     assert m["num_accepted_tokens"] > 0.15 * n
     assert stat < crit, (stat, crit)
     assert_ranks_checked(capfd)
-
-
-@pytest.fixture(scope="module")
-def small_vocab_tp(tmp_path_factory):
-    from vllm_hass import fixtures
-
-    d = tmp_path_factory.mktemp("small_tp")
-    target = fixtures.make_target(d / "target", seed=7, vocab_size=6, with_tokenizer=False)
-    head = write_head(d / "head", target, lambda hc: fixtures.random_head_state(hc, seed=8))
-    return target, head
 
 
 def test_draft_tp_other_than_target_tp_is_refused(bigram_target, identity_head):

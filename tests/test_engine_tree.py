@@ -203,17 +203,6 @@ def test_tree_tau_at_least_chain_tau(bigram_target, tmp_path):
 # --- T > 0: the output distribution equals the target's ------------------------------
 
 
-@pytest.fixture(scope="module")
-def small_vocab(tmp_path_factory):
-    from helpers import write_head
-    from vllm_hass import fixtures
-
-    d = tmp_path_factory.mktemp("small")
-    target = fixtures.make_target(d / "target", seed=7, vocab_size=6, with_tokenizer=False)
-    head = write_head(d / "head", target, lambda hc: fixtures.random_head_state(hc, seed=8))
-    return target, head
-
-
 @pytest.mark.parametrize("mode", ["chain", "tree"])
 def test_sampling_matches_target_distribution(small_vocab, mode):
     """Joint law of the first three sampled tokens (216 cells) from 8,000 seeded requests

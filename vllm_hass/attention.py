@@ -20,6 +20,7 @@ tests/test_attention_kv.py).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -30,9 +31,17 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
-from vllm_hass.kernels.tree_attention import tree_attention_ref
+from vllm_hass.kernels.tree_attention import tree_attention, tree_attention_ref
 
 TREE_ISAS = ("vec", "vec16")
+# CPU: "torch" (default) computes tree rows and KV compaction with the kernels' torch
+# references; "triton" runs the Triton kernels themselves (on CPU only under
+# TRITON_INTERPRET=1: slow, for testing their integration with vLLM's paged cache).
+TREE_KERNEL_ENV = "VLLM_HASS_TREE_KERNEL"
+
+
+def triton_on_cpu() -> bool:
+    return os.environ.get(TREE_KERNEL_ENV, "torch") == "triton"
 
 
 @dataclass
@@ -59,8 +68,9 @@ def cpu_kv_views(kv_cache: torch.Tensor):
 def attend_tree_rows(info: TreeAttnInfo, query: torch.Tensor, k_cache, v_cache,
                      output: torch.Tensor, num_heads: int, head_size: int, scale: float) -> None:
     q = query.view(-1, num_heads, head_size)[info.rows]
-    out = tree_attention_ref(q, k_cache, v_cache, info.block_table, info.query_start_loc,
-                             info.prefix_lens, info.tree_lens, info.tree_mask, scale=scale)
+    kernel = tree_attention if triton_on_cpu() else tree_attention_ref
+    out = kernel(q, k_cache, v_cache, info.block_table, info.query_start_loc,
+                 info.prefix_lens, info.tree_lens, info.tree_mask, scale=scale)
     output.view(-1, num_heads, head_size)[info.rows] = out.to(output.dtype)
 
 

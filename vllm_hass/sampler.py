@@ -180,14 +180,18 @@ def compact_kv(layers, block_table: torch.Tensor, block_size: int, req, src, dst
     ranges can overlap)."""
     if req.numel() == 0:
         return
+    from vllm_hass.attention import cpu_kv_views, triton_on_cpu
+    from vllm_hass.kernels.tree_attention import split_kv_cache
+
+    if layers and layers[0].device.type == "cuda":
+        _compact_triton(layers, split_kv_cache, block_table, req, src, dst)
+        return
+    if layers and triton_on_cpu():
+        _compact_triton(layers, cpu_kv_views, block_table, req, src, dst)
+        return
     bt = block_table.long()
     sb, so = bt[req, src // block_size], src % block_size
     db, do = bt[req, dst // block_size], dst % block_size
-    if layers and layers[0].device.type == "cuda":
-        _compact_cuda(layers, block_table, req, src, dst)
-        return
-    from vllm_hass.attention import cpu_kv_views
-
     for kv_cache in layers:
         k, v = cpu_kv_views(kv_cache)
         krows, vrows = k[sb, so].clone(), v[sb, so].clone()
@@ -195,16 +199,16 @@ def compact_kv(layers, block_table: torch.Tensor, block_size: int, req, src, dst
         v[db, do] = vrows
 
 
-def _compact_cuda(layers, block_table, req, src, dst) -> None:
-    """One Triton launch over every layer and request (vllm_hass.kernels.kv_compact)."""
+def _compact_triton(layers, kv_views, block_table, req, src, dst) -> None:
+    """One Triton launch over every layer and request (vllm_hass.kernels.kv_compact);
+    kv_views: a layer's cache -> logical K, V views [num_blocks, block_size, Hkv, D]."""
     from vllm_hass.kernels.kv_compact import kv_compact
-    from vllm_hass.kernels.tree_attention import split_kv_cache
 
     order = torch.argsort(req * (1 << 32) + dst)  # per request, increasing destinations
     req, src, dst = req[order], src[order], dst[order]
     counts = torch.bincount(req, minlength=block_table.shape[0])
     cu = torch.zeros(block_table.shape[0] + 1, dtype=torch.int32, device=req.device)
     cu[1:] = torch.cumsum(counts, 0)
-    views = [split_kv_cache(c) for c in layers]
+    views = [kv_views(c) for c in layers]
     kv_compact([k for k, _ in views], [v for _, v in views], block_table, cu,
                src.to(torch.int32), dst.to(torch.int32))

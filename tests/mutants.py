@@ -95,7 +95,7 @@ MUTANTS = [
              "            tot = s.sum(-1, keepdim=True).clamp(min=1e-30)\n"
              "            drop = (s.cumsum(-1) - s) / tot >= top_p.unsqueeze(1).to(p.dtype)\n"
              "            p = p.scatter(1, i, s.masked_fill(drop, 0.0))\n"),
-            ("_sample_fn(u, n_accept), max_children)", "_sample_fn(u, n_accept, md.top_p), max_children)")],
+            ("_sample_fn(u, n_accept), max_children", "_sample_fn(u, n_accept, md.top_p), max_children")],
            [SAMPLER]),
     Mutant("fc-bias-dropped", "(j) fc.bias loaded but not applied", "vllm_hass/draft_model.py",
            [("            prefix=maybe_prefix(prefix, \"fc\"),\n            return_bias=False,\n",

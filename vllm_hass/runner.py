@@ -139,6 +139,15 @@ class HassRunnerMixin:
             groups = [*self.attn_groups, getattr(self.drafter, "draft_attn_groups", [])]
             check_tree_backends(groups, self._hass_tree)
 
+    def _dummy_sampler_run(self, hidden_states):
+        out = super()._dummy_sampler_run(hidden_states)
+        if self._hass_tree is not None:  # memory profiling: the largest tree step's working set
+            from vllm_hass.sampler import dummy_tree_step
+
+            dummy_tree_step(self, hidden_states.shape[0], self._hass_tree,
+                            self.model_config.get_vocab_size(), self.model_config.dtype, self.device)
+        return out
+
     # -- step layout ---------------------------------------------------------------
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         out = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)

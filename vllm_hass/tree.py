@@ -168,14 +168,19 @@ def accept_greedy(trees: VerifyTrees, argmax: torch.Tensor):
 
 
 def accept_sampled(trees: VerifyTrees, probs: torch.Tensor, uniform: Callable[[int, int], torch.Tensor],
-                   sample: Callable[[torch.Tensor, int], torch.Tensor], max_children: int):
-    """probs [B, N, V]: the target's (processed) distribution at each slot.
+                   sample: Callable[[torch.Tensor, int], torch.Tensor], max_children: int,
+                   slot_row: torch.Tensor | None = None):
+    """probs: the target's (processed) distribution at each slot, [B, N, V], or [R, V]
+    rows with slot_row [B, N] giving each slot's row (-1 for padding).
 
     uniform(level, sibling) -> [B] U(0,1) draws for trying that sibling at that level;
     sample(p [B,V], level) -> [B] tokens ~ p. Each decision has its own draw, so a
     row's draws do not depend on the other rows. Returns (path [B, D], bonus [B]).
     """
-    B, N, V = probs.shape
+    B, N = trees.tokens.shape
+    if slot_row is None:  # [B, N, V]: every slot is a row
+        slot_row = torch.arange(B * N, device=probs.device).view(B, N)
+        probs = probs.reshape(B * N, -1)
     dev = probs.device
     max_depth = int(trees.depths.max()) if N > 1 else 0
     kids = children_table(trees.parents, trees.n, max_children)
@@ -185,7 +190,7 @@ def accept_sampled(trees: VerifyTrees, probs: torch.Tensor, uniform: Callable[[i
     path = torch.full((B, max(max_depth, 1)), -1, dtype=torch.long, device=dev)
     b_idx = torch.arange(B, device=dev)
     for level in range(max_depth + 1):
-        p = probs[b_idx, cur].clone()  # residual at the current node
+        p = probs[slot_row[b_idx, cur].clamp(min=0)]  # [B, V] copy: residual at the current node
         moved = torch.zeros(B, dtype=torch.bool, device=dev)
         nxt = cur.clone()
         for s in range(max_children):

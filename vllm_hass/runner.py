@@ -28,19 +28,9 @@ import logging
 import numpy as np
 import torch
 
+from vllm_hass.config import tree_config
+
 logger = logging.getLogger("vllm_hass")
-
-
-def tree_config(vllm_config):
-    spec = getattr(vllm_config, "speculative_config", None)
-    if spec is None or spec.method != "hass" or spec.draft_model_config is None:
-        return None
-    tree = getattr(spec.draft_model_config.hf_config, "hass_tree", None)
-    if not tree:
-        return None
-    from vllm_hass.config import TreeConfig
-
-    return TreeConfig(**tree)
 
 
 def check_tree_support(vllm_config, tree=None) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from vllm_hass.bench.flags import float_list, int_list
 from vllm_hass.errors import UserError
 
 CONFIGS = ("nospec", "eagle", "hass-chain", "hass-tree", "oracle")
@@ -59,26 +60,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
     add_compare_parser(sub)
     return p
-
-
-def int_list(value: str, flag: str) -> list[int]:
-    try:
-        items = [int(v) for v in value.split(",")]
-    except ValueError:
-        items = []
-    if not items or any(v < 1 for v in items):
-        raise UserError(f"{flag} {value}: expected comma-separated positive integers, e.g. 1,8,32")
-    return sorted(set(items))
-
-
-def float_list(value: str, flag: str) -> list[float]:
-    try:
-        items = [float(v) for v in value.split(",")]
-    except ValueError:
-        items = []
-    if not items or any(not v >= 0 for v in items):
-        raise UserError(f"{flag} {value}: expected comma-separated temperatures >= 0, e.g. 0,1")
-    return list(dict.fromkeys(items))
 
 
 def validate(args) -> dict:

@@ -205,7 +205,7 @@ def run(args) -> int:
         if bad or not names:
             raise UserError(f"--models {args.models}: expected names from {','.join(SHAPES)}")
         shapes = {m: SHAPES[m] for m in names}
-    from vllm_hass.bench.cli import int_list
+    from vllm_hass.bench.flags import int_list
 
     batch_sizes = int_list(args.sm_batch_sizes, "--batch-sizes")
     try:

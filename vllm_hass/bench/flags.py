@@ -1,0 +1,25 @@
+"""Comma-separated list flags shared by the bench's commands (one-line errors naming the flag)."""
+
+from __future__ import annotations
+
+from vllm_hass.errors import UserError
+
+
+def int_list(value: str, flag: str) -> list[int]:
+    try:
+        items = [int(v) for v in value.split(",")]
+    except ValueError:
+        items = []
+    if not items or any(v < 1 for v in items):
+        raise UserError(f"{flag} {value}: expected comma-separated positive integers, e.g. 1,8,32")
+    return sorted(set(items))
+
+
+def float_list(value: str, flag: str) -> list[float]:
+    try:
+        items = [float(v) for v in value.split(",")]
+    except ValueError:
+        items = []
+    if not items or any(not v >= 0 for v in items):
+        raise UserError(f"{flag} {value}: expected comma-separated temperatures >= 0, e.g. 0,1")
+    return list(dict.fromkeys(items))

@@ -60,11 +60,9 @@ def assert_ranks_checked(capfd):
 def tp2_baseline(random_target):
     """No speculation at TP = 2 (what a user compares with)."""
     ps = prompts(12, length=(3, 40), seed=5)
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
-    try:
+    with pytest.MonkeyPatch.context() as mp:  # module scope: tp_env is per test
+        mp.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
         out, _, _ = run(random_target, None, ps, tensor_parallel_size=2)
-    finally:
-        del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
     return ps, out
 
 

@@ -79,7 +79,7 @@ def check_tree_support(vllm_config, tree=None) -> None:
         raise UserError("HASS: decode context parallelism (--decode-context-parallel-size > 1) is "
                         "not supported (the plugin's positions and KV moves assume each rank holds "
                         "the whole sequence)")
-    if getattr(parallel, "enable_dbo", False) or getattr(parallel, "ubatch_size", 1) > 1:
+    if getattr(parallel, "enable_dbo", False) or (getattr(parallel, "ubatch_size", 1) or 1) > 1:
         raise UserError("HASS: micro-batching (--enable-dbo / ubatch_size > 1) is not supported "
                         "(one tree step is laid out for the whole batch)")
 

@@ -187,11 +187,12 @@ def dummy_tree_step(runner, num_reqs: int, tree, vocab: int, dtype, device) -> N
     from vllm.v1.sample.metadata import SamplingMetadata
 
     B, N, K = num_reqs, tree.total_tokens, tree.top_k
-    slot = torch.arange(N, device=device)
-    parents = torch.where(slot > 0, (slot - 1) // K, -1)  # full BFS tree, top_k children each
-    depths = torch.zeros(N, dtype=torch.long, device=device)
-    for i in range(1, N):  # N <= 128 scalars, once at start-up
-        depths[i] = depths[parents[i]] + 1
+    par = [-1] + [(i - 1) // K for i in range(1, N)]  # full BFS tree, top_k children each
+    dep = [0] * N
+    for i in range(1, N):  # host lists, once at start-up
+        dep[i] = dep[par[i]] + 1
+    parents = torch.tensor(par, device=device)
+    depths = torch.tensor(dep, device=device)
     rows = torch.arange(B * N, device=device).view(B, N)
     logits = torch.randn(B * N, vocab, dtype=dtype, device=device)
     trees = VerifyTrees(torch.zeros(B, N, dtype=torch.long, device=device), parents.expand(B, N),
@@ -203,7 +204,7 @@ def dummy_tree_step(runner, num_reqs: int, tree, vocab: int, dtype, device) -> N
         prompt_token_ids=None, frequency_penalties=full(0.0), presence_penalties=full(0.0),
         repetition_penalties=full(1.0), output_token_ids=[[] for _ in range(B)],
         allowed_token_ids_mask=None, bad_words_token_ids={}, logitsprocs=LogitsProcessors())
-    tree_sample(runner, logits, trees, K, int(depths.max()), md=md)
+    tree_sample(runner, logits, trees, K, max(dep), md=md)
 
 
 def compaction_pairs(trees: VerifyTrees, acc: Accepted, root_pos: torch.Tensor):

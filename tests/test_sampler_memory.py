@@ -12,8 +12,6 @@ at Llama-3 shapes (B = 64, 60 slots, V = 128,256) one rows x V float32 buffer is
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
-from vllm.v1.sample.logits_processor import LogitsProcessors
-from vllm.v1.sample.metadata import SamplingMetadata
 from vllm.v1.sample.sampler import Sampler
 
 from vllm_hass import sampler as hass_sampler
@@ -56,14 +54,9 @@ def batch():
     tokens = top3[parent_row, torch.arange(N) % 3]
     tokens[:, 0] = 0
     trees = VerifyTrees(tokens, parents, depths, torch.full((B,), N), rows)
-    md = SamplingMetadata(
-        temperature=torch.full((B,), 0.8), all_greedy=False, all_random=True,
-        top_p=torch.full((B,), 0.9), top_k=torch.full((B,), 50, dtype=torch.int32),
-        generators={0: torch.Generator().manual_seed(1)}, max_num_logprobs=None,
-        no_penalties=True, prompt_token_ids=None, frequency_penalties=torch.zeros(B),
-        presence_penalties=torch.zeros(B), repetition_penalties=torch.ones(B),
-        output_token_ids=[], allowed_token_ids_mask=None, bad_words_token_ids={},
-        logitsprocs=LogitsProcessors())
+    md = hass_sampler.sampling_metadata(
+        torch.full((B,), 0.8), torch.full((B,), 50, dtype=torch.int32), torch.full((B,), 0.9),
+        {0: torch.Generator().manual_seed(1)})
 
     class Runner:
         sampler = Sampler()

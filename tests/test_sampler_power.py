@@ -48,8 +48,6 @@ import math
 import pytest
 import torch
 
-from vllm.v1.sample.logits_processor import LogitsProcessors
-from vllm.v1.sample.metadata import SamplingMetadata
 from vllm.v1.sample.sampler import Sampler
 
 from vllm_hass import sampler as hass_sampler
@@ -187,13 +185,8 @@ def make_batch(groups: torch.Tensor, seeds: dict[int, int]):
     for g, (t, k, p) in enumerate(GROUPS):
         sel = groups == g
         temp[sel], top_k[sel], top_p[sel] = t, k, p
-    md = SamplingMetadata(
-        temperature=temp, all_greedy=False, all_random=False, top_p=top_p, top_k=top_k,
-        generators={i: torch.Generator().manual_seed(s) for i, s in seeds.items()},
-        max_num_logprobs=None, no_penalties=True, prompt_token_ids=None,
-        frequency_penalties=torch.zeros(B), presence_penalties=torch.zeros(B),
-        repetition_penalties=torch.ones(B), output_token_ids=[], allowed_token_ids_mask=None,
-        bad_words_token_ids={}, logitsprocs=LogitsProcessors())
+    md = hass_sampler.sampling_metadata(
+        temp, top_k, top_p, {i: torch.Generator().manual_seed(s) for i, s in seeds.items()})
 
     class Runner:
         sampler = Sampler()

@@ -177,15 +177,29 @@ def _logprobs(runner, md, logits, trees, path, length, out, base, has_tree) -> L
     return tensors
 
 
+def sampling_metadata(temperature: torch.Tensor, top_k: torch.Tensor | None,
+                      top_p: torch.Tensor | None, generators: dict[int, torch.Generator] | None = None):
+    """vLLM SamplingMetadata for rows sampled with temperature/top-k/top-p only (no
+    penalties, logprobs or processors): what the tree sampler reads."""
+    from vllm.v1.sample.logits_processor import LogitsProcessors
+    from vllm.v1.sample.metadata import SamplingMetadata
+
+    B = temperature.shape[0]
+    zeros = torch.zeros(B, device=temperature.device)
+    return SamplingMetadata(
+        temperature=temperature, all_greedy=False, all_random=bool((temperature >= GREEDY_EPS).all()),
+        top_p=top_p, top_k=top_k, generators=generators or {}, max_num_logprobs=None,
+        no_penalties=True, prompt_token_ids=None, frequency_penalties=zeros,
+        presence_penalties=zeros, repetition_penalties=zeros + 1, output_token_ids=[[] for _ in range(B)],
+        allowed_token_ids_mask=None, bad_words_token_ids={}, logitsprocs=LogitsProcessors())
+
+
 def dummy_tree_step(runner, num_reqs: int, tree, vocab: int, dtype, device) -> None:
     """The largest T > 0 tree step the engine can see (num_reqs full trees of
     tree.total_tokens slots, every row random): run during vLLM's memory profiling so
     the KV cache is sized with the verify logits [num_reqs * total_tokens, V] and the
     sampler's [rows, V] working set already counted (vLLM's own dummy sampler run
     covers 2 rows per request)."""
-    from vllm.v1.sample.logits_processor import LogitsProcessors
-    from vllm.v1.sample.metadata import SamplingMetadata
-
     B, N, K = num_reqs, tree.total_tokens, tree.top_k
     par = [-1] + [(i - 1) // K for i in range(1, N)]  # full BFS tree, top_k children each
     dep = [0] * N
@@ -198,12 +212,7 @@ def dummy_tree_step(runner, num_reqs: int, tree, vocab: int, dtype, device) -> N
     trees = VerifyTrees(torch.zeros(B, N, dtype=torch.long, device=device), parents.expand(B, N),
                         depths.expand(B, N), torch.full((B,), N, device=device), rows)
     full = lambda v: torch.full((B,), v, device=device)  # noqa: E731
-    md = SamplingMetadata(
-        temperature=full(0.5), all_greedy=False, all_random=True, top_p=full(0.9),
-        top_k=full(vocab - 1).int(), generators={}, max_num_logprobs=None, no_penalties=True,
-        prompt_token_ids=None, frequency_penalties=full(0.0), presence_penalties=full(0.0),
-        repetition_penalties=full(1.0), output_token_ids=[[] for _ in range(B)],
-        allowed_token_ids_mask=None, bad_words_token_ids={}, logitsprocs=LogitsProcessors())
+    md = sampling_metadata(full(0.5), full(vocab - 1).int(), full(0.9))
     tree_sample(runner, logits, trees, K, max(dep), md=md)
 
 

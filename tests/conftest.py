@@ -29,6 +29,14 @@ from vllm_hass import fixtures  # noqa: E402
 from helpers import CONFIDENT, write_head  # noqa: E402
 
 
+@pytest.fixture
+def on_gpu(monkeypatch):
+    """The platform claims not to be the CPU (for the CUDA-only config paths)."""
+    from vllm.platforms import current_platform
+
+    monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
+
+
 @pytest.fixture(scope="session")
 def bigram_target(tmp_path_factory):
     return fixtures.make_target(tmp_path_factory.mktemp("bigram") / "target", bigram=True)

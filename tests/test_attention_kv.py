@@ -14,7 +14,7 @@ import torch
 from vllm import _custom_ops as ops
 
 from vllm_hass.attention import cpu_kv_views
-from vllm_hass.sampler import compact_kv
+from vllm_hass.sampler import compact_kv, kv_layer_views
 
 H = 3  # KV heads
 
@@ -93,6 +93,9 @@ def test_compact_kv_moves_exactly_the_requested_slots(isa):
     req = torch.tensor([0, 0, 0, 0] + [1] * 6)
     src = torch.tensor([14, 17, 21, 27] + [30, 31, 32, 33, 34, 35])
     dst = torch.tensor([13, 14, 15, 16] + [31, 32, 33, 34, 35, 30])
+    # compact_kv's [B, D] form: request 0 padded with no-op pairs at its root (12)
+    src2 = torch.tensor([[14, 17, 21, 27, 12, 12], [30, 31, 32, 33, 34, 35]])
+    dst2 = torch.tensor([[13, 14, 15, 16, 12, 12], [31, 32, 33, 34, 35, 30]])
 
     def slot(r, pos):
         return block_table[r, pos // bs].long() * bs + pos % bs
@@ -104,7 +107,7 @@ def test_compact_kv_moves_exactly_the_requested_slots(isa):
         write(want, key[s_src], value[s_src], s_dst, isa)  # vLLM's writer, not the views
         expected.append(want)
 
-    compact_kv(layers, block_table, bs, req, src, dst)
+    compact_kv(kv_layer_views(layers), block_table, bs, src2, dst2)
 
     for cache, want in zip(layers, expected):
         assert torch.equal(cache, want)  # the moved slots, and every other byte unchanged
@@ -122,6 +125,6 @@ def test_compact_kv_moves_exactly_the_requested_slots(isa):
 def test_compact_kv_with_nothing_to_move_is_a_no_op():
     layers, _ = _filled_layers("vec", 1, 4, 16, 32, seed=9)
     before = layers[0].clone()
-    empty = torch.zeros(0, dtype=torch.long)
-    compact_kv(layers, torch.tensor([[0, 1, 2, 3]], dtype=torch.int32), 16, empty, empty, empty)
+    noop = torch.full((1, 6), 20, dtype=torch.long)  # every pair src = dst = the root
+    compact_kv(kv_layer_views(layers), torch.tensor([[0, 1, 2, 3]], dtype=torch.int32), 16, noop, noop)
     assert torch.equal(layers[0], before)

@@ -91,19 +91,12 @@ def test_pipeline_parallel_refused():
 
 # --- CUDA graphs ----------------------------------------------------------------------
 
-FULL_GRAPHS = ("HASS: full CUDA graphs cannot run tree/chain verification; "
+FULL_GRAPHS = ("HASS trees: full CUDA graphs cannot run tree verification; "
                "use -cc.cudagraph_mode=PIECEWISE (or leave it unset)")
 
 
 def engine_args(mode):
     return SimpleNamespace(compilation_config=CompilationConfig(cudagraph_mode=mode))
-
-
-@pytest.fixture
-def on_gpu(monkeypatch):
-    from vllm.platforms import current_platform
-
-    monkeypatch.setattr(current_platform, "is_cpu", lambda: False)
 
 
 @pytest.mark.parametrize("mode", [m for m in CUDAGraphMode if m.has_full_cudagraphs()])

@@ -104,7 +104,7 @@ def test_sampled_acceptance_matches_the_target_distribution():
                         torch.full((R,), 6), torch.arange(6).expand(R, 6))
     gen = torch.Generator().manual_seed(1)
     path, bonus = accept_sampled(
-        trees, probs.expand(R, 6, V), lambda level, sibling: torch.rand(R, generator=gen),
+        trees, probs.expand(R, 6, V), lambda level: torch.rand(R, 3, generator=gen),
         lambda p, level: torch.multinomial(p, 1, generator=gen).squeeze(1), max_children=3)
     first = torch.where(path[:, 0] >= 0, tokens[path[:, 0].clamp(min=0)], bonus)
     freq = torch.bincount(first, minlength=V).float() / R

@@ -17,14 +17,20 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from . import tree_attention as ta  # noqa: E402
 from .tree_attention import (  # noqa: E402
+    SPLIT_COUNTS,
+    LaunchConfig,
     build_tree_mask,
+    compile_set,
+    launch_config,
     pack_tree_mask,
     split_kv_cache,
     tree_ancestor_mask,
     tree_attention,
     tree_attention_ref,
     unpack_tree_mask,
+    warmup,
 )
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
@@ -289,6 +295,143 @@ def test_hints_skip_sync_and_match():
     torch.testing.assert_close(out, tree_attention_ref(**args), atol=1e-5, rtol=1e-5)
 
 
+# --------------------------------------------------------------------------- fixed compile set, fast path
+
+
+def _contexts(limit=8192):
+    """Every 37th length plus each power of two and each split threshold 4 * block_n * 2^k, +-1."""
+    ctx = set(range(1, limit + 1, 37))
+    for e in range(14):
+        for base in (1 << e, 4 * 32 << e, 4 * 64 << e):
+            ctx.update((base - 1, base, base + 1))
+    return sorted(c for c in ctx if 1 <= c <= limit)
+
+
+@pytest.mark.parametrize("num_sms", [132, 1])
+def test_launch_configs_lie_in_compile_set(num_sms):
+    """Verification (60-token trees) and expansion (top_k = 10 queries), Llama-3-8B heads (group 4, d 128,
+    8 KV heads) in fp16: every context length and batch size maps into one small precomputed set."""
+    group, d, hkv, dtype = 4, 128, 8, torch.float16
+    cs = compile_set(60, group, d, dtype, num_sms, hkv)
+    assert all(isinstance(c, LaunchConfig) for c in cs)
+    seen = set()
+    for n_q in (60, 10, 1, 17, 33):
+        for ctx in _contexts():
+            for batch in range(1, 65):
+                cfg = launch_config(n_q, ctx, group, d, dtype, num_sms, batch, hkv)
+                seen.add(cfg)
+    assert seen <= cs, sorted(seen - cs)[:3]
+    assert {c.block_m for c in cs} <= {16, 32, 64, 128}
+    assert {c.num_splits for c in cs} <= set(SPLIT_COUNTS)
+    # the LaunchConfigs (split counts included) and, smaller, the distinct compiled kernels
+    assert len(cs) <= (24 if num_sms > 1 else 4), len(cs)
+    assert len({c.compile_key for c in cs}) <= (8 if num_sms > 1 else 4)
+    if num_sms == 1:
+        assert {c.num_splits for c in cs} == {1}
+    else:
+        assert max(c.num_splits for c in seen) > 1  # the heuristic does split small batches
+    # the bound is respected: a shorter bound gives a subset
+    assert compile_set(10, group, d, dtype, num_sms, hkv) <= cs
+
+
+def test_compile_set_is_exact_for_long_contexts():
+    """Up to 128k context, a dense sample of launch_config stays inside compile_set (1 KV head: 64 splits)."""
+    cs = compile_set(16, 4, 128, torch.bfloat16, 132, 1)
+    ctx = sorted(set(range(1, 131073, 997)) | {(1 << e) + k for e in range(18) for k in (-1, 0, 1)})
+    got = {launch_config(q, c, 4, 128, torch.bfloat16, 132, b, 1)
+           for q in (1, 5, 16) for c in ctx if c <= 131072 for b in (1, 2, 3, 5, 9, 33, 132, 200)}
+    assert got <= cs and 64 in {c.num_splits for c in got}
+
+
+@pytest.mark.parametrize("splits", SPLIT_COUNTS)
+def test_each_split_count_matches_reference(splits):
+    """One small case per split count the heuristic can pick (merge path included)."""
+    gen = torch.Generator().manual_seed(splits)
+    # 300 context slots = 19 tiles of 16: with 32 or 64 splits some splits are empty (lse = -inf)
+    args = make_problem([300], [tree_parents("random", 5, gen)], hq=2, hkv=1, d=32, dtype=torch.float32, bs=16)
+    check(args, torch.float32, num_splits=splits, block_n=16)
+
+
+def _rows_problem(seed=6, dtype=torch.float32):
+    """Tree requests whose rows sit at non-contiguous offsets of a 40-row step (other rows: not trees)."""
+    gen = torch.Generator().manual_seed(seed)
+    trees = [tree_parents("random", 7, gen), tree_parents("chain", 4, gen), tree_parents("star", 5, gen)]
+    queries = [[6, 5, 3], [], [1, 2, 3, 4, 0]]
+    args = make_problem([30, 3, 17], trees, hq=4, hkv=2, d=32, dtype=dtype, queries=queries)
+    row0 = [4, 40, 21]  # request 1 has no queries (its start may be the end of the step)
+    full = torch.randn(40, 4, 32, generator=gen).to(dtype)
+    qsl = args["query_start_loc"].tolist()
+    for b, r in enumerate(row0):
+        full[r: r + qsl[b + 1] - qsl[b]] = args["query"][qsl[b]: qsl[b + 1]]
+    rows = [r + i for b, r in enumerate(row0) for i in range(qsl[b + 1] - qsl[b])]
+    return args, full, torch.tensor(row0, dtype=torch.int32), torch.tensor(rows)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_q_row_start_reads_and_writes_rows_in_place(splits):
+    args, full, row0, rows = _rows_problem()
+    compact = tree_attention_ref(**args)
+    kw = dict(args, query=full, q_row_start=row0)
+    sentinel = torch.full_like(full, 7.0)
+    ref = tree_attention_ref(**kw, out=sentinel.clone())
+    torch.testing.assert_close(ref[rows], compact, atol=1e-6, rtol=1e-6)  # same as the compact call
+    out = sentinel.clone()
+    got = tree_attention(**kw, out=out, num_splits=splits, block_n=16)
+    assert got is out
+    torch.testing.assert_close(out[rows], compact, atol=1e-5, rtol=1e-5)
+    untouched = torch.ones(40, dtype=torch.bool)
+    untouched[rows] = False
+    assert torch.equal(out[untouched], sentinel[untouched]) and torch.equal(ref[untouched], sentinel[untouched])
+
+
+def test_fast_path_skips_checks_and_sync(monkeypatch):
+    """validate=False with both bounds: no argument check and no device->host read."""
+    args, full, row0, rows = _rows_problem(seed=7)
+    want = tree_attention_ref(**args)
+
+    def boom(*a, **k):
+        raise AssertionError("called on the fast path")
+
+    monkeypatch.setattr(ta, "_check", boom)
+    monkeypatch.setattr(ta, "_length_stats", boom)
+    monkeypatch.setattr(torch.Tensor, "tolist", boom)
+    monkeypatch.setattr(torch.Tensor, "item", boom)
+    out = torch.zeros_like(full)
+    tree_attention(**dict(args, query=full), q_row_start=row0, out=out, max_query_len=5, max_prefix_len=30,
+                   validate=False)
+    monkeypatch.undo()
+    torch.testing.assert_close(out[rows], want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(AssertionError, match="fast path"):  # the default path still checks
+        monkeypatch.setattr(ta, "_check", boom)
+        tree_attention(**args, max_query_len=5, max_prefix_len=30)
+
+
+@pytest.mark.parametrize("row0, msg", [
+    (lambda r: r.long(), "q_row_start: expected int32"),
+    (lambda r: r[:2], r"q_row_start: expected shape \(3,\)"),
+    (lambda r: r + 30, r"q_row_start: request rows must lie in \[0, 40\)"),
+    (lambda r: r - 5, r"q_row_start: request rows must lie in"),
+])
+@pytest.mark.parametrize("impl", [tree_attention, tree_attention_ref])
+def test_q_row_start_errors(impl, row0, msg):
+    args, full, r, _ = _rows_problem()
+    with pytest.raises(ValueError, match=msg):
+        impl(**dict(args, query=full), q_row_start=row0(r))
+
+
+def test_warmup_launches_every_config():
+    """warmup runs each config of the set on a one-token dummy (here the CPU set, plus split configs)
+    and writes nothing into the example tensors."""
+    args = make_problem([5], [[-1, 0]], hq=8, hkv=2, d=64, dtype=torch.float16)
+    k, v, q = args["key_cache"], args["value_cache"], args["query"]
+    before = [t.clone() for t in (k, v, q)]
+    assert warmup(q, k, v, 60, num_sms=1) == len(compile_set(60, 4, 64, torch.float16, 1, 2)) == 4
+    split = [c._replace(num_splits=s) for c in compile_set(8, 4, 64, torch.float16, 1, 2) for s in (2, 64)]
+    assert warmup(q, k, v, 8, out=torch.empty_like(q), configs=split) == len(split) == 4
+    for a, b in zip((k, v, q), before):
+        assert torch.equal(a.nan_to_num(1.0), b.nan_to_num(1.0))
+
+
 @pytest.mark.parametrize("field, value, msg", [
     ("query", lambda a: a["query"].half(), "key_cache: dtype must match query"),
     ("query", lambda a: a["query"][:, :3], "Hq=3 must be a multiple of Hkv=2"),
@@ -321,20 +464,93 @@ def compile_for_cuda():
         src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
         assert triton.compile(src, target=GPUTarget("cuda", cap, 32), options=dict(num_warps=warps)).asm["cubin"]
 
-    ints = {n: "*i32" for n in ("block_table", "q_start_loc", "prefix_lens", "tree_lens", "tree_mask")}
-    for dt, cap, splits, block_m in (("bf16", 90, 4, 128), ("fp16", 80, 1, 64), ("fp32", 90, 1, 32)):
+    ints = {n: "*i32" for n in ("block_table", "q_start_loc", "q_row_start", "prefix_lens", "tree_lens", "tree_mask")}
+    for dt, cap, split, block_m in (("bf16", 90, True, 128), ("fp16", 80, False, 64), ("fp32", 90, False, 32)):
         ptrs = dict(ints, Q=f"*{dt}", K=f"*{dt}", V=f"*{dt}", O=f"*{dt}", O_part="*fp32", Lse_part="*fp32",
                     qk_scale="fp32")
-        compile_(ta._tree_attn_fwd, ptrs, dict(PAGE=16, GROUP=4, NUM_SPLITS=splits, BLOCK_M=block_m, BLOCK_N=64,
+        compile_(ta._tree_attn_fwd, ptrs, dict(PAGE=16, GROUP=4, SPLIT=split, BLOCK_M=block_m, BLOCK_N=64,
                                                BLOCK_D=128, DOT_FP32=dt == "fp32"), cap, 8 if block_m == 128 else 4)
-    compile_(ta._merge_splits, dict(O="*bf16", O_part="*fp32", Lse_part="*fp32"),
-             dict(NUM_SPLITS=5, BLOCK_S=8, BLOCK_D=128), 90)
+    compile_(ta._merge_splits, dict(O="*bf16", O_part="*fp32", Lse_part="*fp32", q_start_loc="*i32",
+                                    q_row_start="*i32"),
+             dict(BLOCK_S=ta.MAX_SPLITS, BLOCK_D=128), 90)
 
 
 def test_compiles_for_cuda():
     """The interpreter never lowers the kernels; compile them for real GPUs in a non-interpreted process."""
     pytest.importorskip("triton.backends.nvidia")
     code = "from vllm_hass.kernels.test_tree_attention import compile_for_cuda; compile_for_cuda()"
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def serving_variants():
+    """Triton's cache keys (the binder's specialisation + options, for sm_90) of the launches warmup makes,
+    and of serving-like calls (Llama-3-8B heads, fp16, H100 SM count) across contexts, batches, query
+    lengths, mask widths, buffer widths and q_row_start; nothing is launched, no GPU needed."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import compute_cache_key, create_function_from_signature
+
+    from vllm_hass.kernels import tree_attention as ta
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    keys = {"fwd": set(), "merge": set()}
+
+    class Recorder:
+        def __init__(self, fn, name):
+            self.binder = create_function_from_signature(fn.signature, fn.params, backend)
+            self.name, self.cache = name, {}
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                _, spec, opts = self.binder(*args, **kwargs)
+                keys[self.name].add(compute_cache_key(self.cache, spec, opts))
+            return launch
+
+    for name, p in (("fwd", "_tree_attn_fwd"), ("merge", "_merge_splits")):
+        fn = getattr(ta, p)
+        assert {q.name for q in fn.params if q.do_not_specialize} <= set(fn.arg_names)
+        setattr(ta, p, Recorder(fn, name))
+    ta._num_sms = lambda device: 132
+    hq, hkv, d, page = 32, 8, 128, 16
+    kv = torch.empty(520, hkv, page, 2 * d, dtype=torch.float16)
+    k, v = ta.split_kv_cache(kv)
+    qkv = torch.empty(4096, (hq + 2 * hkv) * d, dtype=torch.float16)  # query: a view of the fused qkv output
+    query_all = qkv[:, : hq * d].view(-1, hq, d)
+    out_all = torch.empty(4096, hq, d, dtype=torch.float16)
+    i32 = dict(dtype=torch.int32)
+    bt_buf, mask_buf = torch.zeros(256, 520, **i32), torch.zeros(4096, 4, **i32)
+    n = ta.warmup(query_all, k, v, 60, out=out_all, num_sms=132)
+    assert n == len(ta.compile_set(60, hq // hkv, d, torch.float16, 132, hkv))
+    warm = {name: set(s) for name, s in keys.items()}
+    for key in keys.values():
+        key.clear()
+    calls = 0
+    for n_q in (1, 10, 33, 60):
+        for batch in (1, 2, 3, 8, 17, 64):
+            for prefix in (1, 16, 17, 255, 1000, 4096, 8000):
+                for n_words, rows, width in ((1, False, 520), (2, True, 517), (4, True, 33)):
+                    t = batch * n_q
+                    qsl = torch.arange(0, t + 1, n_q, **i32)
+                    lens = torch.full((batch,), prefix, **i32)
+                    bt = bt_buf[:batch, :width] if width == 520 else torch.zeros(batch, width, **i32)
+                    kw = dict(q_row_start=qsl[:-1] + 7) if rows else {}
+                    q, o = (query_all, out_all) if rows else (query_all[:t], out_all[:t])
+                    ta.tree_attention(q, k, v, bt, qsl, lens, torch.full((batch,), n_q, **i32),
+                                      mask_buf[:t, :n_words], out=o, max_query_len=n_q,
+                                      max_prefix_len=prefix, validate=False, **kw)
+                    calls += 1
+    assert warm["fwd"] and keys["fwd"] <= warm["fwd"], sorted(keys["fwd"] - warm["fwd"])[:2]
+    assert warm["merge"] and keys["merge"] <= warm["merge"], sorted(keys["merge"] - warm["merge"])[:2]
+    assert len(warm["fwd"]) <= 8 and len(warm["merge"]) == 1, (len(warm["fwd"]), len(warm["merge"]))
+    print(calls, len(warm["fwd"]), len(keys["fwd"]))
+
+
+def test_serving_calls_compile_nothing_after_warmup():
+    """Real Triton specialisation (not the interpreter): after warmup, no serving call needs a new kernel."""
+    pytest.importorskip("triton.backends.nvidia")
+    code = "from vllm_hass.kernels.test_tree_attention import serving_variants; serving_variants()"
     env = dict(os.environ, TRITON_INTERPRET="0")
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -20,9 +20,6 @@ tests/test_attention_kv.py).
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
 
 from vllm.v1.attention.backends.cpu_attn import (
@@ -31,47 +28,17 @@ from vllm.v1.attention.backends.cpu_attn import (
     CPUAttentionMetadataBuilder,
 )
 
+from vllm_hass.attn_info import (TREE_KERNEL_ENV, TreeAttnInfo, cpu_kv_views,  # noqa: F401
+                                 layer_kv_views, tree_rows, triton_on_cpu)
 from vllm_hass.kernels.tree_attention import tree_attention, tree_attention_ref
 
 TREE_ISAS = ("vec", "vec16")
-# CPU: "torch" (default) computes tree rows and KV compaction with the kernels' torch
-# references; "triton" runs the Triton kernels themselves (on CPU only under
-# TRITON_INTERPRET=1: slow, for testing their integration with vLLM's paged cache).
-TREE_KERNEL_ENV = "VLLM_HASS_TREE_KERNEL"
-
-
-def triton_on_cpu() -> bool:
-    return os.environ.get(TREE_KERNEL_ENV, "torch") == "triton"
-
-
-@dataclass
-class TreeAttnInfo:
-    rows: torch.Tensor  # [R] query rows of this step that belong to trees
-    query_start_loc: torch.Tensor  # [Bt+1] int32 over those rows
-    block_table: torch.Tensor  # [Bt, max_blocks] int32
-    prefix_lens: torch.Tensor  # [Bt] int32: cache positions every query of the tree sees
-    tree_lens: torch.Tensor  # [Bt] int32: tree slots after the prefix
-    tree_mask: torch.Tensor  # [R, n_words] int32: bit j = attends tree slot j
-    all_rows: bool  # every query row of the step is a tree row (skip vLLM's kernel)
-
-
-def cpu_kv_views(kv_cache: torch.Tensor):
-    """CPU cache [NB, Hkv, bs, 2D] -> logical K, V views [NB, bs, Hkv, D] (no copy)."""
-    nb, hkv, bs, d2 = kv_cache.shape
-    d = d2 // 2
-    kv = kv_cache.view(nb, hkv, 2 * bs, d)
-    k = kv[:, :, :bs].reshape(nb, hkv, d, bs).permute(0, 3, 1, 2)
-    v = kv[:, :, bs:].permute(0, 2, 1, 3)
-    return k, v
 
 
 def attend_tree_rows(info: TreeAttnInfo, query: torch.Tensor, k_cache, v_cache,
                      output: torch.Tensor, num_heads: int, head_size: int, scale: float) -> None:
-    q = query.view(-1, num_heads, head_size)[info.rows]
-    kernel = tree_attention if triton_on_cpu() else tree_attention_ref
-    out = kernel(q, k_cache, v_cache, info.block_table, info.query_start_loc,
-                 info.prefix_lens, info.tree_lens, info.tree_mask, scale=scale)
-    output.view(-1, num_heads, head_size)[info.rows] = out.to(output.dtype)
+    tree_rows(info, query, k_cache, v_cache, output, num_heads, head_size, scale,
+              tree_attention if triton_on_cpu() else tree_attention_ref)
 
 
 class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
@@ -84,7 +51,7 @@ class TreeCPUAttentionImpl(CPUAttentionBackendImpl):
         if not info.all_rows:
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output,
                             output_scale, output_block_scale)
-        k, v = cpu_kv_views(kv_cache)
+        k, v = layer_kv_views(self, kv_cache, cpu_kv_views)
         attend_tree_rows(info, query, k, v, output, self.num_heads, self.head_size, self.scale)
         return output
 
@@ -128,16 +95,3 @@ def register_tree_backend() -> None:
         from vllm_hass import attention_cuda
 
         attention_cuda.register()
-
-
-def attach(attn_metadata, info: TreeAttnInfo | None) -> None:
-    """Attach (or clear) tree info on every distinct metadata object of a step."""
-    if attn_metadata is None:
-        return
-    groups = attn_metadata if isinstance(attn_metadata, list) else [attn_metadata]
-    seen: set[int] = set()
-    for per_layer in groups:
-        for md in per_layer.values():
-            if id(md) not in seen:
-                seen.add(id(md))
-                md.hass_tree = info

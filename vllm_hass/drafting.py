@@ -1,0 +1,157 @@
+"""Drafting EAGLE-2 trees with a HASS head, for every request of a step at once.
+
+1. First pass (causal): the head reads what the target just accepted — per request the
+   root and its accepted path (padded to the longest possible path, so the layout is
+   fixed before acceptance is known), or a whole prefill chunk — with the target's
+   hidden states, writing the draft's KV at those positions.
+2. Root logits -> top_k children; depth-1 expansion passes run the head on the top_k
+   frontier nodes of every request with tree attention over the draft's context + the
+   node's ancestors (their KV lives in scratch slots after the context: vLLM's
+   lookahead reservation).
+3. Rerank to total_tokens-1 nodes (tree.grow), returned in BFS order.
+
+`TreeDrafter` is the loop; a subclass supplies the head's forward and logits
+(proposer.HassTreeProposer: vLLM's EAGLE machinery; the host-overhead harness: stand-ins).
+No vLLM import. No device->host sync: lengths the attention metadata needs on the host
+are upper bounds known before the step (`DraftAttn`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vllm_hass.attn_info import TreeAttnInfo
+from vllm_hass.step import FirstPass, TreeStep, first_pass_inputs
+from vllm_hass.tree import grow
+
+_MASKED_PARAMS = (
+    ("presence_penalty", 0.0), ("frequency_penalty", 0.0), ("repetition_penalty", 1.0),
+    ("min_p", 0.0), ("logit_bias", None), ("allowed_token_ids", None), ("bad_words", None),
+    ("structured_outputs", None), ("logits_processors", None),
+    ("thinking_token_budget", None),  # vLLM applies it to draft rows from the token history
+)
+
+
+def tree_eligible(params) -> bool:
+    """Sampling options that depend only on a row's logits (temperature, top-k, top-p)
+    are applied per tree node exactly; anything that depends on the tokens before a
+    position (penalties, bad words, min_tokens, grammars) would differ from branch to
+    branch, so such requests decode without drafts (still correct, just not faster)."""
+    if params is None:
+        return False
+    for name, neutral in _MASKED_PARAMS:
+        value = getattr(params, name, neutral)
+        if value not in (neutral, [], {}, None) and value != neutral:
+            return False
+    return not getattr(params, "min_tokens", 0)
+
+
+@dataclass
+class DraftAttn:
+    """What one draft forward attends: device tensors plus host numbers (exact or upper
+    bounds, never read back from the device)."""
+
+    query_start_loc: torch.Tensor  # [n+1] int32
+    query_start_loc_cpu: np.ndarray  # [n+1]
+    seq_lens: torch.Tensor  # [n] int32, exact
+    seq_lens_bound: np.ndarray  # [n] host upper bounds
+    num_tokens: int
+    max_query_len: int
+    block_table: torch.Tensor  # [n, max_blocks]
+    slots: torch.Tensor  # [num_tokens] KV slot of each query row
+    tree: TreeAttnInfo | None = None
+
+
+class TreeDrafter:
+    """Mixin: EAGLE-2 tree drafting. Needs self.tree (TreeConfig), self.block_size,
+    self.device, self._forward(input_ids, positions, hidden, DraftAttn) -> [n, H] and
+    self._logits(hidden [n, H]) -> [n, V]."""
+
+    def _constants(self, Be: int) -> "_ExpandConstants":
+        """Per-batch-size constants of the expansion passes (built once per Be)."""
+        cache = self.__dict__.setdefault("_hass_expand_constants", {})
+        if Be not in cache:
+            cache[Be] = _ExpandConstants(Be, self.tree.top_k, self.tree.depth, self.device)
+        return cache[Be]
+
+    def _slots(self, block_table: torch.Tensor, req: torch.Tensor, pos: torch.Tensor):
+        bs = self.block_size
+        return block_table[req, pos // bs].long() * bs + pos % bs
+
+    def propose_trees(self, fp: FirstPass, step: TreeStep | None, acc, hidden_states: torch.Tensor,
+                      block_table: torch.Tensor):
+        """Returns (packed [3, Be, M] device: tokens, parents, depths of the new trees, in
+        the order of fp.eligible), or None when no request gets a tree."""
+        dev = self.device
+        tok, hidden_rows, last, base = first_pass_inputs(fp, step, acc)
+        first = DraftAttn(
+            query_start_loc=fp.qsl_dev.int(), query_start_loc_cpu=fp.qsl,
+            seq_lens=fp.seq_lens_dev.int(), seq_lens_bound=fp.seq_lens,
+            num_tokens=int(fp.qsl[-1]), max_query_len=int((fp.qsl[1:] - fp.qsl[:-1]).max()),
+            block_table=block_table, slots=self._slots(block_table, fp.row_req, fp.positions))
+        out = self._forward(tok, fp.positions, hidden_states[hidden_rows], first)
+        Be = fp.eligible.size
+        if Be == 0:
+            return None
+        K, depth = self.tree.top_k, self.tree.depth
+        idx = fp.eligible_dev
+        root_out = out[last[idx]]  # [Be, H]
+        root_logp = torch.log_softmax(self._logits(root_out).float(), -1)
+        base = base[idx].unsqueeze(1)  # [Be, 1] the draft's position of the last accepted token
+        bt = block_table[idx]
+        c = self._constants(Be)
+        prefix = (base.squeeze(1) + 1).int()  # [Be]: every expansion node sees the context
+        bound_pre = int(fp.base_bound.max()) + 1
+        prev = [root_out.unsqueeze(1).expand(Be, K, -1)]
+
+        def expand(s, tokens, src, mask):
+            hid = prev[0].gather(1, src.clamp(min=0).unsqueeze(-1).expand(-1, -1, prev[0].shape[-1]))
+            scratch = base + c.scratch[s]  # [Be, K] linear KV positions of this frontier
+            # one frontier node per request (a chain): it is the last token of its
+            # sequence, so vLLM's causal kernel already shows it exactly its ancestors
+            tree = None if K == 1 else TreeAttnInfo(
+                query_start_loc=c.qsl, q_row_start=c.qsl[:-1], block_table=bt,
+                prefix_lens=prefix, tree_lens=c.tree_lens[s], tree_mask=c.pack(mask, s),
+                all_rows=True, max_query_len=K, max_prefix_len=bound_pre)
+            attn = DraftAttn(
+                query_start_loc=c.qsl, query_start_loc_cpu=c.qsl_np, seq_lens=prefix + s * K,
+                seq_lens_bound=fp.base_bound + 1 + s * K, num_tokens=Be * K, max_query_len=K,
+                block_table=bt, slots=self._slots(bt, c.req, scratch).flatten(), tree=tree)
+            o = self._forward(tokens.flatten(), (base + s).expand(Be, K).flatten(),
+                              hid.reshape(Be * K, -1), attn)
+            prev[0] = o.view(Be, K, -1)
+            return torch.log_softmax(self._logits(o).float(), -1).view(Be, K, -1)
+
+        trees = grow(root_logp, expand, top_k=K, depth=depth, total_tokens=self.tree.total_tokens)
+        return trees.packed()
+
+
+
+class _ExpandConstants:
+    """Device constants of the expansion passes for Be requests: query offsets, scratch
+    offsets, tree lengths and the bit weights that pack an ancestor mask into int32 words."""
+
+    def __init__(self, Be: int, K: int, depth: int, device):
+        self.qsl_np = np.arange(0, Be * K + 1, K)
+        self.qsl = torch.from_numpy(self.qsl_np).to(device, torch.int32)
+        self.req = torch.arange(Be, device=device).unsqueeze(1)
+        ar = torch.arange(K, device=device)
+        self.scratch = {s: 1 + (s - 1) * K + ar for s in range(1, depth)}
+        self.tree_lens = {s: torch.full((Be,), s * K, dtype=torch.int32, device=device)
+                          for s in range(1, depth)}
+        self.weights = {}
+        for s in range(1, depth):
+            n = s * K
+            j = np.arange(n)
+            w = np.zeros((n, -(-n // 32)), dtype=np.int64)
+            w[j, j // 32] = 1 << (j % 32)
+            self.weights[s] = torch.from_numpy(w).to(device)
+
+    def pack(self, mask: torch.Tensor, s: int) -> torch.Tensor:
+        """bool [Be, K, s*K] -> int32 words [Be*K, ceil(s*K/32)] (bit j = scratch slot j)."""
+        w = self.weights[s]
+        words = torch.where(mask.reshape(-1, w.shape[0], 1), w, 0).sum(1)
+        return words.to(torch.int32)  # bit 31 wraps to the sign, as the kernel reads it

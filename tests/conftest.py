@@ -4,7 +4,6 @@ The environment below makes CPU engines fast and deterministic; it must be set
 before vLLM is imported, which is why it lives at the top of conftest.
 """
 
-import gc
 import os
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

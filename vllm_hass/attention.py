@@ -76,22 +76,3 @@ class TreeCPUAttentionBackend(CPUAttentionBackend):
     @staticmethod
     def get_builder_cls():
         return TreeCPUAttentionMetadataBuilder
-
-
-def register_tree_backend() -> None:
-    """Put the tree-aware subclass in place of vLLM's CPU attention backend.
-
-    Done when the plugin loads, before any engine resolves (and caches) its
-    backend. The subclass is inert for any step without tree info, so other
-    engines in the process compute exactly what vLLM's own class computes.
-    """
-    from vllm.platforms import current_platform
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-
-    if current_platform.is_cpu():
-        register_backend(AttentionBackendEnum.CPU_ATTN,
-                         "vllm_hass.attention.TreeCPUAttentionBackend")
-    elif current_platform.is_cuda():
-        from vllm_hass import attention_cuda
-
-        attention_cuda.register()

@@ -94,12 +94,3 @@ class TreeTritonAttentionBackend(TritonAttentionBackend):
     @staticmethod
     def get_impl_cls():
         return TreeTritonAttentionImpl
-
-
-def register() -> None:
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-
-    register_backend(AttentionBackendEnum.FLASH_ATTN,
-                     "vllm_hass.attention_cuda.TreeFlashAttentionBackend")
-    register_backend(AttentionBackendEnum.TRITON_ATTN,
-                     "vllm_hass.attention_cuda.TreeTritonAttentionBackend")

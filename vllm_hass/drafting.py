@@ -85,7 +85,6 @@ class TreeDrafter:
                       block_table: torch.Tensor):
         """Returns (packed [3, Be, M] device: tokens, parents, depths of the new trees, in
         the order of fp.eligible), or None when no request gets a tree."""
-        dev = self.device
         tok, hidden_rows, last, base = first_pass_inputs(fp, step, acc)
         first = DraftAttn(
             query_start_loc=fp.qsl_dev.int(), query_start_loc_cpu=fp.qsl,

@@ -319,32 +319,3 @@ def _plain_accepted(sampled_token_ids, B: int, device):
 
 def make_runner_class(base: type) -> type:
     return type(f"Hass{base.__name__}", (HassRunnerMixin, base), {"__module__": __name__})
-
-
-def install() -> None:
-    """Point the CPU and GPU workers at runner subclasses carrying the hooks."""
-    from vllm.platforms import current_platform
-
-    if current_platform.is_cpu():
-        from vllm.v1.worker import cpu_worker
-
-        if not getattr(cpu_worker.CPUModelRunner, "_hass", False):
-            cls = make_runner_class(cpu_worker.CPUModelRunner)
-            cls._hass = True
-            cpu_worker.CPUModelRunner = cls
-        return
-    from vllm.v1.worker import gpu_worker
-
-    orig = gpu_worker.Worker._make_model_runner
-    if getattr(orig, "_hass", False):
-        return
-
-    def _make_model_runner(self):
-        if self.use_v2_model_runner or tree_config(self.vllm_config) is None:
-            return orig(self)
-        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-        return make_runner_class(GPUModelRunner)(self.vllm_config, self.device)
-
-    _make_model_runner._hass = True
-    gpu_worker.Worker._make_model_runner = _make_model_runner

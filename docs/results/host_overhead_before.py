@@ -71,6 +71,7 @@ def _make_runner(B, shape, device, host, sampling):
     kv = [torch.zeros(8, shape["kv_heads"], h.BLOCK, 2 * shape["head_dim"], device=device)
           for _ in range(shape["layers"])]
     r._hass_caches = kv
+    r._hass_kv0 = kv[0]
     r.compilation_config = SimpleNamespace(
         static_forward_context={f"l{i}": SimpleNamespace(kv_cache=c) for i, c in enumerate(kv)})
     gen = torch.Generator(device=device).manual_seed(0)

@@ -4,6 +4,7 @@
         --temperature 0,1 --out runs/bench
     vllm-hass bench speedup-model --tau 5.08
     vllm-hass bench compare runs/bench-eagle runs/bench-hass --label EAGLE HASS
+    vllm-hass bench host-overhead --batch-sizes 1,8,64
 
 Everything here is argument parsing and cheap validation; the work (and the heavy
 imports) live in `runner.py` and `speedup_model.py`.
@@ -59,6 +60,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from vllm_hass.bench.compare import add_parser as add_compare_parser
 
     add_compare_parser(sub)
+    h = sub.add_parser("host-overhead", help="syncs, torch ops and host ms of the plugin's engine "
+                       "step (stand-in forwards; runs without vLLM)")
+    h.add_argument("--batch-sizes", default="1,8,64", type=lambda v: int_list(v, "--batch-sizes"))
+    h.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
+    h.add_argument("--device", default="cpu", help="cpu (syncs emulated) or cuda (real syncs)")
+    h.add_argument("--events", action="store_true", help="list each counted sync")
     return p
 
 
@@ -121,6 +128,10 @@ def run(args) -> int:
         from vllm_hass.bench.speedup_model import run as run_speedup
 
         return run_speedup(args)
+    if getattr(args, "bench_command", None) == "host-overhead":
+        from vllm_hass.bench.host_overhead import run as run_host_overhead
+
+        return run_host_overhead(args)
     if getattr(args, "bench_command", None) == "compare":
         from vllm_hass.bench.compare import run as run_compare
 

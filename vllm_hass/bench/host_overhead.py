@@ -151,7 +151,7 @@ def _make_runner(B: int, shape: dict, device, host: HostMemory, sampling: str):
         block_table=[bt], sampling_metadata=md, update_async_output_token_ids=lambda: None)
     r.input_batch = ib
     r.requests = {rid: SimpleNamespace(sampling_params=SimpleNamespace()) for rid in ib.req_ids}
-    V, H = shape["vocab"], shape["hidden"]
+    V = shape["vocab"]
     # vLLM's sampler for the root rows: vLLM's work, a prepared answer
     root_tokens = torch.zeros(B, 1, dtype=torch.int32, device=device)
     r.sampler = lambda logits, sampling_metadata: SimpleNamespace(
@@ -264,7 +264,7 @@ class Scheduler:
         return SimpleNamespace(scheduled_spec_decode_tokens={}), n
 
     def after(self, out, drafts):
-        r, ib = self.r, self.r.input_batch
+        ib = self.r.input_batch
         tok = out.sampled_token_ids.cpu().numpy()
         for b in range(ib.num_reqs):
             valid = tok[b][tok[b] >= 0]
@@ -298,9 +298,10 @@ def run_steps(B: int, shape: dict, sampling: str, steps: int, device: str = "cpu
         timed("prepare", r._prepare_inputs, so, n)
         timed("prepare", r._build_attention_metadata)
         step = r._hass_step
-        if step is not None and step.attn is not None:
+        info = getattr(r._attn_metadata["layer"], "hass_tree", None)  # what the backend reads
+        if info is not None:
             for _ in range(shape["layers"]):
-                timed("attention", _attention_layer, step.attn, sched.T, shape, r._hass_kv0)
+                timed("attention", _attention_layer, info, sched.T, shape, r._hass_kv0)
         else:
             ms["attention"] = 0.0
         logits = sched.logits[: sched.T]
@@ -324,9 +325,7 @@ def measure(batch_sizes, steps: int, device: str = "cpu", shape_counts=LLAMA3_8B
     stub_kernel_launches()
     import os
 
-    from vllm_hass.attn_info import TREE_KERNEL_ENV
-
-    os.environ[TREE_KERNEL_ENV] = "triton"  # the CUDA path's compaction (launch stubbed)
+    os.environ["VLLM_HASS_TREE_KERNEL"] = "triton"  # the CUDA path's compaction (launch stubbed)
     rows = []
     for B in batch_sizes:
         for sampling in ("greedy", "T>0"):
@@ -349,19 +348,24 @@ def format_table(rows) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="vllm-hass bench host-overhead", description=__doc__.split("\n")[0])
-    ap.add_argument("--batch-sizes", default="1,8,64")
-    ap.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--events", action="store_true", help="list each counted sync")
-    args = ap.parse_args(argv)
-    rows = measure([int(b) for b in args.batch_sizes.split(",")], args.steps, args.device)
+def run(args) -> int:
+    rows = measure(list(args.batch_sizes), args.steps, args.device)
     print(format_table(rows))
     if args.events:
         for r in rows:
             print(r["B"], r["sampling"], r["events"])
     return 0
+
+
+def main(argv=None) -> int:
+    from vllm_hass.bench.flags import int_list
+
+    ap = argparse.ArgumentParser(prog="vllm-hass bench host-overhead", description=__doc__.split("\n")[0])
+    ap.add_argument("--batch-sizes", default="1,8,64", type=lambda v: int_list(v, "--batch-sizes"))
+    ap.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--events", action="store_true", help="list each counted sync")
+    return run(ap.parse_args(argv))
 
 
 if __name__ == "__main__":

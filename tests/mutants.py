@@ -110,7 +110,7 @@ MUTANTS = [
            [ORACLE_TREE]),
     Mutant("draft-rope-off-by-one", "the draft's expansion nodes one position too far",
            "vllm_hass/drafting.py",
-           [("(base + s).expand(Be, K).flatten()", "(base + s + 1).expand(Be, K).flatten()")],
+           [("pos = (base + c.levels).unsqueeze(-1)", "pos = (base + c.levels + 1).unsqueeze(-1)")],
            [ORACLE_TREE]),
     Mutant("draft-mask-sibling-visible", "a draft expansion node also sees its frontier neighbour",
            "vllm_hass/tree.py",

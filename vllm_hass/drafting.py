@@ -105,10 +105,13 @@ class TreeDrafter:
         prefix = (base.squeeze(1) + 1).int()  # [Be]: every expansion node sees the context
         bound_pre = int(fp.base_bound.max()) + 1
         prev = [root_out.unsqueeze(1).expand(Be, K, -1)]
+        # KV slots of every expansion level at once: frontier s writes scratch positions
+        # base + 1 + (s-1)*K + j (linear, after the context)
+        slots = self._slots(bt, c.req, base + c.scratch_all).view(Be, max(depth - 1, 1), K)
+        pos = (base + c.levels).unsqueeze(-1).expand(Be, -1, K)  # [Be, depth, K]
 
         def expand(s, tokens, src, mask):
             hid = prev[0].gather(1, src.clamp(min=0).unsqueeze(-1).expand(-1, -1, prev[0].shape[-1]))
-            scratch = base + c.scratch[s]  # [Be, K] linear KV positions of this frontier
             # one frontier node per request (a chain): it is the last token of its
             # sequence, so vLLM's causal kernel already shows it exactly its ancestors
             tree = None if K == 1 else TreeAttnInfo(
@@ -118,9 +121,8 @@ class TreeDrafter:
             attn = DraftAttn(
                 query_start_loc=c.qsl, query_start_loc_cpu=c.qsl_np, seq_lens=prefix + s * K,
                 seq_lens_bound=fp.base_bound + 1 + s * K, num_tokens=Be * K, max_query_len=K,
-                block_table=bt, slots=self._slots(bt, c.req, scratch).flatten(), tree=tree)
-            o = self._forward(tokens.flatten(), (base + s).expand(Be, K).flatten(),
-                              hid.reshape(Be * K, -1), attn)
+                block_table=bt, slots=slots[:, s - 1].flatten(), tree=tree)
+            o = self._forward(tokens.flatten(), pos[:, s].flatten(), hid.reshape(Be * K, -1), attn)
             prev[0] = o.view(Be, K, -1)
             return torch.log_softmax(self._logits(o).float(), -1).view(Be, K, -1)
 
@@ -131,14 +133,14 @@ class TreeDrafter:
 
 class _ExpandConstants:
     """Device constants of the expansion passes for Be requests: query offsets, scratch
-    offsets, tree lengths and the bit weights that pack an ancestor mask into int32 words."""
+    offsets, levels, tree lengths and the bit weights that pack an ancestor mask into int32 words."""
 
     def __init__(self, Be: int, K: int, depth: int, device):
         self.qsl_np = np.arange(0, Be * K + 1, K)
         self.qsl = torch.from_numpy(self.qsl_np).to(device, torch.int32)
         self.req = torch.arange(Be, device=device).unsqueeze(1)
-        ar = torch.arange(K, device=device)
-        self.scratch = {s: 1 + (s - 1) * K + ar for s in range(1, depth)}
+        self.scratch_all = torch.arange(1, 1 + K * max(depth - 1, 1), device=device)  # [(depth-1)*K]
+        self.levels = torch.arange(depth, device=device)
         self.tree_lens = {s: torch.full((Be,), s * K, dtype=torch.int32, device=device)
                           for s in range(1, depth)}
         self.weights = {}

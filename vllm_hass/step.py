@@ -48,8 +48,9 @@ class Staging:
         off = np.concatenate([[0], np.cumsum(sizes)])
         for a, s in zip(arrays, off[:-1]):
             self.host_np[s: s + a.size] = a.ravel()
-        self.dev[:total].copy_(self.host[:total], non_blocking=True)
-        return [self.dev[s: s + a.size].view(a.shape) for a, s in zip(arrays, off[:-1])]
+        dev = self.dev[:total]
+        dev.copy_(self.host[:total], non_blocking=True)
+        return [t.view(a.shape) for t, a in zip(dev.split(sizes), arrays)]
 
 
 class DraftStore:

@@ -225,3 +225,27 @@ def test_cuda_tree_gets_piecewise_graphs(target_config, identity_head, on_gpu):
     with pytest.raises(UserError) as e:
         speculative(target_config, identity_head, compilation_config={"cudagraph_mode": "FULL"})
     assert str(e.value) == FULL_GRAPHS
+
+
+def test_plugin_log_lines_go_through_vllms_logger(monkeypatch):
+    """`vllm serve` configures only the "vllm" logger: the plugin's INFO lines (async
+    scheduling turned off, trees configured) must reach its handlers."""
+    import logging
+
+    from vllm_hass import plugin
+
+    got = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            got.append(record.getMessage())
+
+    ours = logging.getLogger("vllm_hass")
+    monkeypatch.setattr(ours, "handlers", [])
+    monkeypatch.setattr(ours, "level", logging.NOTSET)
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # no application logging setup
+    monkeypatch.setattr(logging.getLogger("vllm"), "handlers", [Keep()])
+    plugin._log_through_vllm()
+    plugin._log_through_vllm()  # idempotent: one forwarder
+    ours.info("vllm-hass: a line")
+    assert got == ["vllm-hass: a line"]

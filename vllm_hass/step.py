@@ -30,8 +30,10 @@ class Staging:
 
     `send(arrays)` packs int64 arrays into the host buffer and issues one non-blocking
     copy; the returned device views are valid for this step. The host buffer is reused
-    next step: safe because every step syncs once (the drafts' copy to the host) after
-    its copy was queued, so the copy has completed before the buffer is rewritten."""
+    next step: safe because between two writes of one buffer the host syncs with the
+    device at least once after the first copy was queued (vLLM's synchronous bookkeeping
+    reads every step's sampled tokens; the drafts' copy is another), so that copy has
+    completed. Trees run with synchronous scheduling only (refused otherwise)."""
 
     def __init__(self, capacity: int, device: torch.device):
         pin = torch.cuda.is_available() and torch.device(device).type == "cuda"

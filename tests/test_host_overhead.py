@@ -55,3 +55,12 @@ def test_harness_runs_without_vllm(tmp_path):
                          env=dict(os.environ), timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "1"
+
+
+def test_bad_batch_sizes_get_a_one_line_error(capsys):
+    from vllm_hass.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["bench", "host-overhead", "--batch-sizes", "0"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--batch-sizes" in err and "invalid <lambda>" not in err, err

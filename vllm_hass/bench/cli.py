@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from vllm_hass.bench.flags import float_list, int_list
+from vllm_hass.bench.flags import float_list, int_list, int_list_arg
 from vllm_hass.errors import UserError
 
 CONFIGS = ("nospec", "eagle", "hass-chain", "hass-tree", "oracle")
@@ -62,7 +62,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_compare_parser(sub)
     h = sub.add_parser("host-overhead", help="syncs, torch ops and host ms of the plugin's engine "
                        "step (stand-in forwards; runs without vLLM)")
-    h.add_argument("--batch-sizes", default="1,8,64", type=lambda v: int_list(v, "--batch-sizes"))
+    h.add_argument("--batch-sizes", default="1,8,64", type=int_list_arg("--batch-sizes"))
     h.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
     h.add_argument("--device", default="cpu", help="cpu (syncs emulated) or cuda (real syncs)")
     h.add_argument("--events", action="store_true", help="list each counted sync")

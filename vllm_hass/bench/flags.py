@@ -23,3 +23,16 @@ def float_list(value: str, flag: str) -> list[float]:
     if not items or any(not v >= 0 for v in items):
         raise UserError(f"{flag} {value}: expected comma-separated temperatures >= 0, e.g. 0,1")
     return list(dict.fromkeys(items))
+
+
+def int_list_arg(flag: str):
+    """argparse type for a comma-separated list of positive ints (one-line error naming the flag)."""
+    import argparse
+
+    def parse(value: str) -> list[int]:
+        try:
+            return int_list(value, flag)
+        except UserError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse

@@ -358,10 +358,10 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    from vllm_hass.bench.flags import int_list
+    from vllm_hass.bench.flags import int_list_arg
 
     ap = argparse.ArgumentParser(prog="vllm-hass bench host-overhead", description=__doc__.split("\n")[0])
-    ap.add_argument("--batch-sizes", default="1,8,64", type=lambda v: int_list(v, "--batch-sizes"))
+    ap.add_argument("--batch-sizes", default="1,8,64", type=int_list_arg("--batch-sizes"))
     ap.add_argument("--steps", type=int, default=30, help="timed steps per configuration")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--events", action="store_true", help="list each counted sync")

@@ -33,7 +33,7 @@ def _layout(drafts: list[list[int]], computed, store=None, roots=None):
     step = verify_layout(num_reqs=B, qsl=qsl, computed=np.asarray(computed), num_drafts=k,
                          input_ids=ids, store=store, req_ids=[f"r{b}" for b in range(B)],
                          block_table=block_table, positions=positions,
-                         staging=Staging(4096, "cpu"), device="cpu")
+                         staging=Staging(4096, "cpu"))
     return step, positions, qsl
 
 
@@ -136,7 +136,7 @@ def test_first_pass_inputs_match_the_per_request_loop():
                          req_ids=["r0", "r1", "r2", "r3"],
                          block_table=torch.zeros(B, 4, dtype=torch.int32),
                          positions=torch.zeros(qsl[-1], dtype=torch.int64),
-                         staging=Staging(4096, "cpu"), device="cpu")
+                         staging=Staging(4096, "cpu"))
     acc = Accepted(path=torch.tensor([[2, 5, -1], [-1, -1, -1], [-1, -1, -1], [-1, -1, -1]]),
                    length=torch.tensor([2, 0, 0, 0]), bonus=torch.tensor([900, 901, 902, 903]),
                    has_tree=torch.tensor([True, False, True, False]))

@@ -4,8 +4,6 @@ Runs on CPU under the Triton interpreter (TRITON_INTERPRET=1).
 """
 
 import os
-import subprocess
-import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -13,6 +11,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from .kv_compact import kv_compact, kv_compact_ref  # noqa: E402
+from .testing import run_uninterpreted  # noqa: E402
 from .tree_attention import split_kv_cache  # noqa: E402
 
 # physical orders of the logical [L, num_blocks, Hkv, block_size, 2D] group cache
@@ -186,7 +185,4 @@ def compile_for_cuda():
 def test_compiles_for_cuda():
     """The interpreter never lowers the kernel; compile it for a real GPU in a non-interpreted process."""
     pytest.importorskip("triton.backends.nvidia")
-    code = "from vllm_hass.kernels.test_kv_compact import compile_for_cuda; compile_for_cuda()"
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_uninterpreted("test_kv_compact", "compile_for_cuda")

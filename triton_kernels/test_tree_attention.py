@@ -8,8 +8,6 @@ Runs on CPU under the Triton interpreter (TRITON_INTERPRET=1). Tolerances
 """
 
 import os
-import subprocess
-import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -18,6 +16,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from . import tree_attention as ta  # noqa: E402
+from .testing import run_uninterpreted  # noqa: E402
 from .tree_attention import (  # noqa: E402
     SPLIT_COUNTS,
     LaunchConfig,
@@ -478,10 +477,7 @@ def compile_for_cuda():
 def test_compiles_for_cuda():
     """The interpreter never lowers the kernels; compile them for real GPUs in a non-interpreted process."""
     pytest.importorskip("triton.backends.nvidia")
-    code = "from vllm_hass.kernels.test_tree_attention import compile_for_cuda; compile_for_cuda()"
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_uninterpreted("test_tree_attention", "compile_for_cuda")
 
 
 def serving_variants():
@@ -550,10 +546,7 @@ def serving_variants():
 def test_serving_calls_compile_nothing_after_warmup():
     """Real Triton specialisation (not the interpreter): after warmup, no serving call needs a new kernel."""
     pytest.importorskip("triton.backends.nvidia")
-    code = "from vllm_hass.kernels.test_tree_attention import serving_variants; serving_variants()"
-    env = dict(os.environ, TRITON_INTERPRET="0")
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_uninterpreted("test_tree_attention", "serving_variants")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")

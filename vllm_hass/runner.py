@@ -195,7 +195,7 @@ class HassRunnerMixin:
                 num_drafts=np.asarray(spec_md.num_draft_tokens), input_ids=self.input_ids.np[: qsl[B]],
                 store=self._hass_store, req_ids=ib.req_ids,
                 block_table=ib.block_table[0].get_device_tensor(B), positions=self.positions,
-                staging=self._hass_verify_staging, device=self.device)
+                staging=self._hass_verify_staging)
             self._hass_pending_attn = self._hass_step.attn
         return out
 

@@ -162,8 +162,7 @@ def ancestor_masks(parents: np.ndarray, n: np.ndarray) -> np.ndarray:
 
 def verify_layout(*, num_reqs: int, qsl: np.ndarray, computed: np.ndarray, num_drafts: np.ndarray,
                   input_ids: np.ndarray, store: DraftStore, req_ids: list[str],
-                  block_table: torch.Tensor, positions: torch.Tensor, staging: Staging,
-                  device) -> TreeStep:
+                  block_table: torch.Tensor, positions: torch.Tensor, staging: Staging) -> TreeStep:
     """The verification step's layout (vLLM laid the drafts out as a chain; we recover
     each request's tree from the store and rewrite the drafts' RoPE positions).
 

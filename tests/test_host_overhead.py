@@ -16,9 +16,13 @@ SMALL = dict(h.TINY, layers=4)
 
 
 @pytest.fixture(autouse=True)
-def _cuda_path(monkeypatch):
-    h.stub_kernel_launches()
+def _cuda_path(monkeypatch, request):
+    if request.node.name == "test_stand_ins_leave_the_real_kernels_outside":
+        yield
+        return
     monkeypatch.setenv("VLLM_HASS_TREE_KERNEL", "triton")  # the CUDA path's compaction
+    with h.kernel_stand_ins():  # restored after the test: later tests run the real kernels
+        yield
 
 
 @pytest.mark.parametrize("sampling", ["greedy", "T>0"])
@@ -46,9 +50,9 @@ def test_harness_runs_without_vllm(tmp_path):
     code = (
         "import sys; sys.modules['vllm'] = None\n"  # any `import vllm...` now fails
         "from vllm_hass.bench import host_overhead as h\n"
-        "h.stub_kernel_launches()\n"
         "import os; os.environ['VLLM_HASS_TREE_KERNEL'] = 'triton'\n"
-        "s = h.run_steps(2, dict(h.TINY, layers=2), 'T>0', 3)\n"
+        "with h.kernel_stand_ins():\n"
+        "    s = h.run_steps(2, dict(h.TINY, layers=2), 'T>0', 3)\n"
         "print(s[2].syncs)\n"
         "assert not [m for m in sys.modules if m.startswith('vllm.')]\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -64,3 +68,25 @@ def test_bad_batch_sizes_get_a_one_line_error(capsys):
         main(["bench", "host-overhead", "--batch-sizes", "0"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--batch-sizes" in err and "invalid <lambda>" not in err, err
+
+
+def test_stand_ins_are_restored():
+    """The harness must not leave no-op kernels behind (a later engine test in the same
+    process would serve garbage)."""
+    from vllm_hass.kernels import kv_compact, tree_attention
+
+    inside = tree_attention._tree_attn_fwd  # the autouse fixture's stand-in
+    with h.kernel_stand_ins():
+        pass
+    assert tree_attention._tree_attn_fwd is inside  # nested use restores the outer state
+    assert isinstance(inside, h._NoLaunch) and isinstance(kv_compact._kv_compact_kernel, h._NoLaunch)
+
+
+def test_stand_ins_leave_the_real_kernels_outside():
+    from vllm_hass.kernels import tree_attention
+
+    real = tree_attention._tree_attn_fwd
+    assert not isinstance(real, h._NoLaunch)  # nothing leaked from the tests above
+    with h.kernel_stand_ins():
+        assert isinstance(tree_attention._tree_attn_fwd, h._NoLaunch)
+    assert tree_attention._tree_attn_fwd is real

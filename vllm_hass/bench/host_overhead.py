@@ -25,6 +25,7 @@ No vLLM import: runs where only torch (and numpy) are installed, e.g. a GPU mach
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass
@@ -64,17 +65,26 @@ def _top_k_top_p(logits: torch.Tensor, k: torch.Tensor | None, p: torch.Tensor |
     return logits.scatter(-1, idx, srt.masked_fill(drop, float("-inf")))
 
 
-def stub_kernel_launches() -> None:
-    """Triton launches become no-ops (and, without vLLM, its top-k/top-p op a stand-in)."""
+@contextlib.contextmanager
+def kernel_stand_ins():
+    """While active, Triton launches are no-ops (and, without vLLM, its top-k/top-p op a
+    stand-in); everything is restored on exit, so nothing else in the process sees them."""
     from vllm_hass import sampler
     from vllm_hass.kernels import kv_compact, tree_attention
 
+    stubs = [(tree_attention, "_tree_attn_fwd", _NoLaunch()),
+             (tree_attention, "_merge_splits", _NoLaunch()),
+             (kv_compact, "_kv_compact_kernel", _NoLaunch())]
     if sampler.apply_top_k_top_p is None:
-        sampler.apply_top_k_top_p = _top_k_top_p
-
-    tree_attention._tree_attn_fwd = _NoLaunch()
-    tree_attention._merge_splits = _NoLaunch()
-    kv_compact._kv_compact_kernel = _NoLaunch()
+        stubs.append((sampler, "apply_top_k_top_p", _top_k_top_p))
+    saved = [(mod, name, getattr(mod, name)) for mod, name, _ in stubs]
+    for mod, name, stub in stubs:
+        setattr(mod, name, stub)
+    try:
+        yield
+    finally:
+        for mod, name, orig in saved:
+            setattr(mod, name, orig)
 
 
 class _Buffer:  # vLLM's CpuGpuBuffer, host side only (what the mixin reads)
@@ -322,10 +332,14 @@ def run_steps(B: int, shape: dict, sampling: str, steps: int, device: str = "cpu
 
 
 def measure(batch_sizes, steps: int, device: str = "cpu", shape_counts=LLAMA3_8B, shape_time=TINY):
-    stub_kernel_launches()
     import os
 
     os.environ["VLLM_HASS_TREE_KERNEL"] = "triton"  # the CUDA path's compaction (launch stubbed)
+    with kernel_stand_ins():
+        return _measure(batch_sizes, steps, device, shape_counts, shape_time)
+
+
+def _measure(batch_sizes, steps, device, shape_counts, shape_time):
     rows = []
     for B in batch_sizes:
         for sampling in ("greedy", "T>0"):

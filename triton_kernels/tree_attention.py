@@ -131,12 +131,19 @@ def pack_tree_mask(mask: torch.Tensor, n_words: int | None = None) -> torch.Tens
     n_words = need if n_words is None else n_words
     if n_words < need:
         raise ValueError(f"n_words: expected >= {need} for {n} tree slots, got {n_words}")
-    bits = torch.zeros(*mask.shape[:-1], n_words * 32, dtype=torch.int64, device=mask.device)
-    bits[..., :n] = mask.long()
-    shifts = torch.arange(32, device=mask.device, dtype=torch.int64)
-    words = (bits.view(*mask.shape[:-1], n_words, 32) << shifts).sum(-1)
+    words = torch.where(mask.unsqueeze(-1), _bit_weights(n, n_words, mask.device), 0).sum(-2)
     words = torch.where(words >= 2**31, words - 2**32, words)  # two's complement, bit 31 -> sign
     return words.to(torch.int32)
+
+
+@functools.lru_cache(maxsize=64)
+def _bit_weights(n: int, n_words: int, device: torch.device) -> torch.Tensor:
+    """[n, n_words] int64: slot j's bit in its word (1 << j % 32 in column j // 32), so packing
+    a mask is one masked sum: a few ops whatever n (the draft packs one per depth level)."""
+    j = torch.arange(n)
+    w = torch.zeros(n, n_words, dtype=torch.int64)
+    w[j, j // 32] = 1 << (j % 32)
+    return w.to(device)
 
 
 def unpack_tree_mask(packed: torch.Tensor, n: int) -> torch.Tensor:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from vllm_hass.attn_info import TreeAttnInfo
+from vllm_hass.kernels.tree_attention import pack_tree_mask
 from vllm_hass.step import FirstPass, TreeStep, first_pass_inputs
 from vllm_hass.tree import grow
 
@@ -116,7 +117,7 @@ class TreeDrafter:
             # sequence, so vLLM's causal kernel already shows it exactly its ancestors
             tree = None if K == 1 else TreeAttnInfo(
                 query_start_loc=c.qsl, q_row_start=c.qsl[:-1], block_table=bt,
-                prefix_lens=prefix, tree_lens=c.tree_lens[s], tree_mask=c.pack(mask, s),
+                prefix_lens=prefix, tree_lens=c.tree_lens[s], tree_mask=pack_tree_mask(mask.reshape(Be * K, -1)),
                 all_rows=True, max_query_len=K, max_prefix_len=bound_pre)
             attn = DraftAttn(
                 query_start_loc=c.qsl, query_start_loc_cpu=c.qsl_np, seq_lens=prefix + s * K,
@@ -133,7 +134,7 @@ class TreeDrafter:
 
 class _ExpandConstants:
     """Device constants of the expansion passes for Be requests: query offsets, scratch
-    offsets, levels, tree lengths and the bit weights that pack an ancestor mask into int32 words."""
+    offsets, levels and tree lengths."""
 
     def __init__(self, Be: int, K: int, depth: int, device):
         self.qsl_np = np.arange(0, Be * K + 1, K)
@@ -143,16 +144,3 @@ class _ExpandConstants:
         self.levels = torch.arange(depth, device=device)
         self.tree_lens = {s: torch.full((Be,), s * K, dtype=torch.int32, device=device)
                           for s in range(1, depth)}
-        self.weights = {}
-        for s in range(1, depth):
-            n = s * K
-            j = np.arange(n)
-            w = np.zeros((n, -(-n // 32)), dtype=np.int64)
-            w[j, j // 32] = 1 << (j % 32)
-            self.weights[s] = torch.from_numpy(w).to(device)
-
-    def pack(self, mask: torch.Tensor, s: int) -> torch.Tensor:
-        """bool [Be, K, s*K] -> int32 words [Be*K, ceil(s*K/32)] (bit j = scratch slot j)."""
-        w = self.weights[s]
-        words = torch.where(mask.reshape(-1, w.shape[0], 1), w, 0).sum(1)
-        return words.to(torch.int32)  # bit 31 wraps to the sign, as the kernel reads it

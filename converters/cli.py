@@ -50,9 +50,14 @@ def describe(path: str) -> dict:
 
     ckpt = load_checkpoint(path)
     head = ckpt.head_config
-    problem = None
+    from vllm_hass.vocab import read_vocab
+
+    problem, vocab = None, None
     try:
         check_weights(ckpt.weights, head, str(ckpt.path))
+        ids, meta = read_vocab(ckpt.path)
+        if ids is not None:
+            vocab = {**meta, "size": ids.numel()}
     except ValueError as e:
         problem = str(e)
     n_params = sum(t.numel() for t in ckpt.weights.values())
@@ -83,6 +88,7 @@ def describe(path: str) -> dict:
             "intermediate_size (head)": head.intermediate_size,
             "rope_theta": head.rope_theta, "rope_scaling": head.rope_scaling,
         },
+        "draft_vocab": vocab,
         "problem": problem,
     }
 
@@ -107,6 +113,7 @@ def run_inspect(args) -> int:
           f"own lm_head: {'yes' if info['own_lm_head'] else 'no'}")
     print(f"  parameters  {info['parameters']:,} ({info['parameters_without_embeddings']:,} "
           f"without embed/lm_head), {info['dtype']}")
+    print(f"  draft vocab {_vocab_line(info['draft_vocab'], info['target_dims']['vocab_size'])}")
     print("  compatible target:")
     for k, v in info["target_dims"].items():
         print(f"    {k:26s}{v}")
@@ -119,3 +126,18 @@ def run_inspect(args) -> int:
         print(f"  PROBLEM: {info['problem']}")
         return 1
     return 0
+
+
+def _vocab_line(v: dict | None, vocab_size: int) -> str:
+    if v is None:
+        return f"none (drafts over the full {vocab_size:,} tokens)"
+    line = f"{v['size']:,} of {vocab_size:,} tokens"
+    if "special_tokens" in v:
+        line += f" ({v['special_tokens']} special)"
+    if "coverage" in v:
+        line += f"; coverage {100 * v['coverage']:.2f}% of {v.get('tokens_counted', 0):,} counted tokens"
+    if "holdout_coverage" in v:
+        line += f", held-out {100 * v['holdout_coverage']:.2f}% of {v.get('holdout_tokens', 0):,}"
+    if v.get("source"):
+        line += f" [{v['source']}]"
+    return line

@@ -4,6 +4,7 @@ Nothing here starts an engine."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -51,6 +52,8 @@ def one_line_error(capsys, rc, *needles):
     (["--tree", "6,10"], "DEPTH,TOP_K,TOTAL_TOKENS"),
     (["--max-tokens", "0"], "--max-tokens"),
     (["--chain-k", "0"], "--chain-k"),
+    (["--rounds", "0"], "--rounds 0"),
+    (["--draft-vocab", "4k"], "--draft-vocab 4k"),
 ])
 def test_bad_arguments_are_one_line_errors(fake, capsys, extra, needle):
     one_line_error(capsys, bench(fake, *extra), needle)
@@ -211,6 +214,22 @@ def test_report_arithmetic():
     bad = next(r for r in assemble(meta, configs, engine, oracle)["runs"] if r["config"] == "eagle")
     assert "counters disagree" in bad["notes"]
     assert "| eagle | 1 | 0 | 2.20 | 2.20 |" in markdown(res)
+    # A speedup above tau is impossible: flagged as noise.
+    engine["eagle"]["runs"][0]["accepted_per_pos"] = [30, 20, 10]
+    engine["eagle"]["runs"][0]["elapsed_s"] = 1.0  # 4x at tau 2.2
+    fast = next(r for r in assemble(meta, configs, engine, oracle)["runs"] if r["config"] == "eagle")
+    assert "above τ 2.20: timing noise" in fast["notes"]
+
+
+def test_merge_rounds_takes_each_runs_median():
+    from vllm_hass.bench.runner import merge_rounds
+
+    def res(*times):
+        return {"runs": [{"elapsed_s": t, "accepted": 7} for t in times]}
+
+    m = merge_rounds([res(3.0, 10.0), res(1.0, 20.0), res(2.0, 30.0)])
+    assert [r["elapsed_s"] for r in m["runs"]] == [2.0, 20.0]
+    assert m["runs"][1]["elapsed_rounds"] == [10.0, 20.0, 30.0] and m["runs"][0]["accepted"] == 7
 
 
 # speedup model ------------------------------------------------------------------------------
@@ -230,6 +249,27 @@ def test_speedup_model_smoke_runs_on_cpu(tmp_path, capsys):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")
+def test_speedup_model_roofline_draft_vocab(tmp_path):
+    """The roofline mode (no GPU): a draft level of Llama-3-8B reads one layer, fc and the
+    lm_head: with 32k of the 128k rows its cost relative to a target step roughly halves;
+    a one-token target step reads 8B parameters (16 GB bf16) at 3.35 TB/s, about 4.8 ms."""
+    from vllm_hass.bench.speedup_model import SHAPES, layer_params
+
+    rc = main(["bench", "speedup-model", "--roofline", "h100", "--models", "llama3-8b", "--batch-sizes", "1",
+               "--draft-vocab", "32768,0", "--tau", "5.08", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = {r["draft_vocab"]: r for r in json.loads((tmp_path / "speedup_model.json").read_text())["rows"]}
+    s = SHAPES["llama3-8b"]
+    full, small = rows[128256], rows[32768]
+    params = s["layers"] * layer_params(s) + s["vocab"] * s["hidden"]
+    assert 7.0e9 < params < 7.6e9  # 8B minus the embedding table, which a step does not read
+    assert full["verify_ms"]["1"] == pytest.approx(2 * params / 3.35e12 * 1e3, rel=0.02)
+    head = layer_params(s) + 2 * s["hidden"] ** 2
+    for r, V in ((full, 128256), (small, 32768)):
+        assert r["draft_level_over_step"] == pytest.approx((head + V * s["hidden"]) / params, rel=0.02)
+    assert small["speedup"] > full["speedup"]
+
+
 def test_speedup_model_without_gpu_is_one_line(capsys):
     one_line_error(capsys, main(["bench", "speedup-model"]), "CUDA", "--smoke")
 
@@ -324,3 +364,26 @@ def test_compare_refuses_runs_with_different_settings(tmp_path, capsys):
     b = _results(tmp_path, "b", {("hass-tree", 0.0): 2.0}, dataset="humaneval")
     one_line_error(capsys, main(["bench", "compare", a, b]), "differ in dataset")
     one_line_error(capsys, main(["bench", "compare", a, str(tmp_path / "nope")]), "results.json")
+
+
+def test_draft_level_times_each_vocabulary(tmp_path, capsys):
+    """`bench draft-level` on a tiny target and head with a stored vocabulary: one row per
+    size, each level timed beside the target step."""
+    import shutil
+
+    from vllm_hass import vocab
+    from vllm_hass.bench.tiny import write_tiny
+
+    target, head, _ = write_tiny(tmp_path / "m", bigram=True, head="identity", scale=20, noise=0.2,
+                                 tree={"depth": 3, "top_k": 3, "total_tokens": 8})
+    mine = tmp_path / "head"
+    shutil.copytree(head, mine)
+    V = json.loads((Path(target) / "config.json").read_text())["vocab_size"]
+    vocab.write_vocab(mine, list(range(100)), V, {"source": "test"})
+    rc = main(["bench", "draft-level", "--target", str(target), "--head", str(mine),
+               "--draft-vocab", "50,100,0", "--iters", "3", "--context", "16", "--width", "3"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for v in (50, 100, V):
+        assert f"| {v} | " in out
+    assert "target decode step:" in out

@@ -99,3 +99,15 @@ def test_hass_tree_matches_the_oracle(results):
     assert "counters disagree" not in r["notes"]
     assert abs(r["tau"] - oracle["tau"]) <= 0.02 * oracle["tau"], (r["tau"], oracle["tau"])
     assert r["match_nospec"] == 1.0
+
+
+def test_rounds_alternate_and_take_the_median(results):
+    """The default two rounds: each configuration ran twice (jobs r1, r2 side by side), and a
+    run's time is the median of its rounds."""
+    out, res = results
+    assert res["meta"]["rounds"] == 2
+    for c in ("nospec", "hass-chain", "hass-tree"):
+        assert (out / "jobs" / f"{c}.result.json").exists() and (out / "jobs" / f"{c}.r2.result.json").exists()
+    for r in res["runs"]:
+        times = r["elapsed_rounds"]
+        assert len(times) == 2 and r["elapsed_s"] == sum(times) / 2

@@ -20,3 +20,8 @@ def test_demo_tiny_serves_and_reports_tau():
     # identity head on the bigram target: every step accepts the whole depth-4 path
     assert tau == 5.0
     assert "accepted at depth 1..4 (fraction of steps): 1.00, 1.00, 1.00, 1.00" in r.stdout
+    # the same request without speculation, side by side: same output, both speeds shown
+    assert "$ vllm serve " in r.stdout.split("the same request without speculation:")[1]
+    m = re.search(r"speedup = ([0-9.]+)x \(tau 5.00\); output identical to no speculation", r.stdout)
+    assert m and float(m.group(1)) > 0, r.stdout[-2000:]
+    assert re.search(r"no speculation: 41 tokens in [0-9.]+ s", r.stdout)

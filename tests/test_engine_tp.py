@@ -37,6 +37,8 @@ def tp_env(monkeypatch):
 def spec(head, mode, **extra):
     if mode == "chain":
         return {"method": "hass", "model": str(head), "num_speculative_tokens": 3, **extra}
+    if mode == "auto":  # chosen per step: every rank must choose alike (auto_runtime.py)
+        return {"method": "hass", "model": str(head), "tree": "auto", **extra}
     return {"method": "hass", "model": str(head), "tree": TREE, **extra}
 
 
@@ -66,7 +68,7 @@ def tp2_baseline(random_target):
     return ps, out
 
 
-@pytest.mark.parametrize("mode", ["chain", "tree"])
+@pytest.mark.parametrize("mode", ["chain", "tree", "auto"])
 def test_tp2_greedy_identical_to_no_speculation(random_target, random_head, tp2_baseline, mode,
                                                 capfd):
     ps, want = tp2_baseline
@@ -193,3 +195,35 @@ def test_tp2_serve_script_runs_as_written(bigram_target, identity_head, tmp_path
         stop_server(proc, log)
     assert "Worker_TP1" in (tmp_path / "serve.log").read_text()  # a second rank served
 
+
+
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+def test_tp2_draft_vocab_accepts_what_tp1_accepts(bigram_target, identity_head, mode, capfd, tmp_path):
+    """A draft vocabulary under TP = 2: each rank keeps the draft rows of its own vocabulary
+    shard (unequal counts, padded) and the ranks' logits are gathered. The vocabulary holds
+    only the most frequent half of the tokens the target emits, so some drafts miss: TP 2
+    must accept exactly what TP 1 accepts, and fewer than the full vocabulary would."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vllm_hass import vocab
+    from vllm_hass.bench.oracle import greedy
+
+    head = tmp_path / "head"
+    shutil.copytree(identity_head, head)
+    model = AutoModelForCausalLM.from_pretrained(str(bigram_target), dtype=torch.float32)
+    outs = [greedy(model, p["prompt_token_ids"], 32) for p in prompts(8)]
+    counts = vocab.count_tokens(outs, model.config.vocab_size)
+    size = max(8, int((counts > 0).sum()) // 2)
+    vocab.write_vocab(head, vocab.build_draft_ids(counts, [0], size), model.config.vocab_size,
+                      {"source": "test", "special_tokens": 1})
+    out1, m1, _ = run(bigram_target, spec(head, mode))
+    out2, m2, _ = run(bigram_target, spec(head, mode), tensor_parallel_size=2)
+    assert out2 == out1 == outs
+    assert m2 == m1
+    depth = 3 if mode == "chain" else TREE["depth"]
+    assert 0 < m2["num_accepted_tokens_per_pos"][0] < m2["num_drafts"]
+    assert m2["num_accepted_tokens"] < depth * m2["num_drafts"]
+    assert_ranks_checked(capfd)

@@ -20,6 +20,15 @@ pytestmark = pytest.mark.engine
 
 PAPER_TREE = {"depth": 6, "top_k": 10, "total_tokens": 60}
 SMALL_TREE = {"depth": 4, "top_k": 3, "total_tokens": 10}
+# "tree": "auto" with a forced shape schedule (test-only VLLM_HASS_AUTO_SCHEDULE, one entry
+# per step, cycled; "a|b" splits a step's requests among shapes in turn): trees of
+# different shapes across steps and within one step, as requests join and leave.
+SCHEDULE = "6/10/60,4/3/10|2/2/4|none,none,1/1/2,3/2/6|6/10/60,2/4/8"
+# with ForcedDrafts (the hook's trees replace the drafted ones): every step drafts for
+# every request, so each request's last tree is the one drafted as it finishes
+DRAFTING_SCHEDULE = "6/10/60,4/3/10|2/2/4,1/1/2,3/2/6|1/1/2"
+# steps in which the head does not run ("off"): those requests are never drafted for again
+OFF_SCHEDULE = "4/3/10,none,2/2/4|1/1/2,off,6/10/60|none"
 MAX_TOKENS = 40
 GREEDY = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
 P_FORCED = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4]  # chance the true token is drafted at depth d
@@ -125,16 +134,62 @@ def test_greedy_identical_with_the_heads_own_trees(sharp_target, attentive_head,
     assert m["num_drafts"] > 0 and m["num_accepted_tokens"] > 0
 
 
-@pytest.mark.parametrize("mode", ["chain", "tree"])
+def test_auto_greedy_identical_under_changing_shapes(sharp_target, attentive_head, sharp_baseline,
+                                                     monkeypatch, tmp_path):
+    """"auto" with the head's own trees, shapes forced to change every step and to differ
+    between the requests of a step (some drafting none): output identical to no
+    speculation, with prefix-cache hits; trees of several sizes were verified."""
+    from drafthooks import RecordDrafts
+
+    monkeypatch.setenv("VLLM_HASS_AUTO_SCHEDULE", SCHEDULE)
+    monkeypatch.setenv("VLLM_HASS_AUTO_STATS", str(tmp_path / "stats.json"))
+    ps, full = sharp_baseline
+    rec = RecordDrafts().install(monkeypatch)
+    llm = make_llm(sharp_target, tree_spec(attentive_head, "auto"), max_num_seqs=8, block_size=32)
+    got = token_ids(llm.generate(ps, GREEDY))
+    m = spec_metrics(llm)
+    hits = prefix_hits(llm)
+    free_llm(llm)
+    assert got == [f[:MAX_TOKENS] for f in full]
+    assert m["num_drafts"] > 0 and m["num_accepted_tokens"] > 0 and hits > 0
+    sizes = {len(t) for trees in rec.trees.values() for t, _ in trees}
+    assert {59, 9, 3, 1} <= sizes, sizes  # 6/10/60, 4/3/10, 2/2/4 (2/4/8: 7), 1/1/2
+    import json
+
+    steps = json.loads((tmp_path / "stats.json").read_text())["shape_steps"]
+    assert set(steps) <= {"6/10/60", "4/3/10", "none", "1/1/2", "3/2/6", "2/4/8"}, steps
+
+
+def test_auto_preemption_chunked_prefill_and_head_off(sharp_target, attentive_head, sharp_baseline,
+                                                      monkeypatch):
+    """"auto" with steps where the head does not run (holes in the draft KV of the requests
+    then in the batch, which are never drafted for again), no-draft steps and mixed
+    shapes, under preemption, chunked prefill and prefix caching: output identical."""
+    monkeypatch.setenv("VLLM_HASS_AUTO_SCHEDULE", OFF_SCHEDULE)
+    ps, full = sharp_baseline
+    llm = make_llm(sharp_target, tree_spec(attentive_head, "auto"), num_gpu_blocks_override=10,
+                   block_size=32, max_num_batched_tokens=64, max_num_seqs=8, max_model_len=256)
+    got = token_ids(llm.generate(ps, GREEDY))
+    m = spec_metrics(llm)
+    preempted = sum(x.value for x in llm.get_metrics() if x.name == "vllm:num_preemptions")
+    free_llm(llm)
+    assert got == [f[:MAX_TOKENS] for f in full]
+    assert preempted > 0 and m["num_drafts"] > 0
+
+
+@pytest.mark.parametrize("mode", ["chain", "tree", "auto"])
 def test_preemption_and_chunked_prefill(sharp_target, attentive_head, sharp_baseline, monkeypatch,
                                         mode):
     """A KV cache too small for the batch forces preemption and recompute; a small token
     budget chunks the long prompts. Output must not change; every forced path that vLLM
     verified is accepted (trees drafted just before a preemption are dropped)."""
-    depth, width = (4, 2) if mode == "tree" else (4, 1)
+    depth, width = (4, 1) if mode == "chain" else (4, 2)
     ps, want, hook = forced(monkeypatch, sharp_baseline, depth=depth, width=width)
     spec = (tree_spec(attentive_head, SMALL_TREE) if mode == "tree" else
             {"method": "hass", "model": str(attentive_head), "num_speculative_tokens": 4})
+    if mode == "auto":
+        monkeypatch.setenv("VLLM_HASS_AUTO_SCHEDULE", DRAFTING_SCHEDULE)
+        spec = tree_spec(attentive_head, "auto")
     llm = make_llm(sharp_target, spec, num_gpu_blocks_override=10, block_size=32,
                    max_num_batched_tokens=64, max_num_seqs=8, max_model_len=256)
     got = token_ids(llm.generate(ps, GREEDY))
@@ -146,11 +201,15 @@ def test_preemption_and_chunked_prefill(sharp_target, attentive_head, sharp_base
     assert 0.5 * sum(hook.verified()) < m["num_accepted_tokens"] <= sum(hook.verified())
 
 
-def test_abort_and_continuous_batching(sharp_target, attentive_head, sharp_baseline, monkeypatch):
+@pytest.mark.parametrize("tree", ["fixed", "auto"])
+def test_abort_and_continuous_batching(sharp_target, attentive_head, sharp_baseline, monkeypatch,
+                                       tree):
     """Requests join while others decode; one is aborted mid-flight; the rest finish intact,
     with exactly the forced acceptance."""
     ps, want, hook = forced(monkeypatch, sharp_baseline, depth=4, width=2, n=10)
-    llm = make_llm(sharp_target, tree_spec(attentive_head, SMALL_TREE))
+    if tree == "auto":
+        monkeypatch.setenv("VLLM_HASS_AUTO_SCHEDULE", DRAFTING_SCHEDULE)
+    llm = make_llm(sharp_target, tree_spec(attentive_head, SMALL_TREE if tree == "fixed" else "auto"))
     engine = llm.llm_engine
     finished, pending = {}, list(range(10))
     for step in range(10_000):
@@ -203,8 +262,8 @@ def test_tree_tau_at_least_chain_tau(bigram_target, tmp_path):
 # --- T > 0: the output distribution equals the target's ------------------------------
 
 
-@pytest.mark.parametrize("mode", ["chain", "tree"])
-def test_sampling_matches_target_distribution(small_vocab, mode):
+@pytest.mark.parametrize("mode", ["chain", "tree", "auto"])
+def test_sampling_matches_target_distribution(small_vocab, mode, monkeypatch):
     """Joint law of the first three sampled tokens (216 cells) from 8,000 seeded requests
     against the target's exact probabilities (transformers, float64). The second and
     third tokens come out of the plugin's acceptance. Pass: Pearson chi-square below its
@@ -216,6 +275,9 @@ def test_sampling_matches_target_distribution(small_vocab, mode):
     n = 8_000
     spec = (tree_spec(head, {"depth": 3, "top_k": 2, "total_tokens": 8}) if mode == "tree" else
             {"method": "hass", "model": str(head), "num_speculative_tokens": 2})
+    if mode == "auto":  # shapes changing every step, split within a step, no-draft steps
+        monkeypatch.setenv("VLLM_HASS_AUTO_SCHEDULE", "3/2/8,2/2/4|1/1/2,3/2/8|none,2/1/3")
+        spec = tree_spec(head, {"auto": True, "max_depth": 3, "max_top_k": 2, "max_total_tokens": 8})
     sp = [SamplingParams(temperature=1.0, max_tokens=3, seed=i, ignore_eos=True) for i in range(n)]
     llm = make_llm(target, spec, skip_tokenizer_init=True, max_num_seqs=64, max_model_len=64)
     outs = llm.generate([{"prompt_token_ids": prompt}] * n, sp, use_tqdm=False)

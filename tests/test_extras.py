@@ -152,6 +152,21 @@ def test_convert_and_inspect_without_torch(tmp_path, argv):
     assert_one_line(r, argv[0], "torch", VLLM_LINE)
 
 
+def test_vocab_without_torch(tmp_path):
+    # without the guard: "--target t: no such directory"
+    r = run_cli(tmp_path, ["vocab", "--target", "t", "--data", "d", "--size", "8", "--out", "o"],
+                hide_modules=["torch"])
+    assert_one_line(r, "vocab", "torch", VLLM_LINE)
+
+
+def test_vocab_generating_outputs_without_vllm(tmp_path):
+    # a prompt dataset means vLLM generates the target's outputs
+    r = run_cli(tmp_path, ["vocab", "--target", "t", "--data", "mtbench", "--size", "8", "--out", "o"],
+                hide_modules=["vllm"])
+    err = assert_one_line(r, "vocab", "vllm", VLLM_LINE)
+    assert "generate the target's outputs" in err
+
+
 def test_demo_without_vllm(tmp_path):
     # without the guard: "--head ...: no converted head there"
     r = run_cli(tmp_path, ["demo", "--target", str(tmp_path / "t"), "--head", str(tmp_path / "h")],
@@ -188,7 +203,7 @@ def test_every_command_is_covered():
     """A new subcommand must say what it needs (or nothing) here and get a test above."""
     from vllm_hass.cli import SUBCOMMANDS
 
-    assert set(SUBCOMMANDS) == {"convert", "inspect", "setup-cpu", "train", "bench", "demo"}
+    assert set(SUBCOMMANDS) == {"convert", "inspect", "vocab", "setup-cpu", "train", "bench", "demo"}
 
 
 def test_every_provider_is_an_extra_of_the_package():

@@ -25,6 +25,12 @@ def test_shipped_head_is_a_valid_smollm2_hass_head():
     spec = parse_spec(str(SHIPPED_HEAD / "hass.json"))
     assert spec.model == str(SHIPPED_HEAD.resolve())
     assert (spec.tree.depth, spec.tree.top_k, spec.tree.total_tokens) == (6, 10, 60)  # the paper's
+    # it drafts from the 8,192 most frequent tokens of its stored draft vocabulary
+    from vllm_hass.vocab import read_vocab
+
+    ids, meta = read_vocab(SHIPPED_HEAD)
+    assert spec.draft_vocab_size == 8192 and ids.numel() >= 8192 and meta["special_tokens"] >= 2
+    assert meta["holdout_coverage"] > 0.9
     record = json.loads((SHIPPED_HEAD / "training.json").read_text())
     assert record["method"] == "hass" and record["recipe"]["steps"] == 3
     assert (SHIPPED_HEAD / "TRAINING.md").read_text().count("vllm-hass train fit") >= 1
@@ -60,6 +66,6 @@ def test_shipped_head_tau_floor():
     spec = parse_spec(str(SHIPPED_HEAD / "hass.json"))
     tree = {"depth": spec.tree.depth, "top_k": spec.tree.top_k,
             "total_tokens": spec.tree.total_tokens}
-    result = oracle_tau(target, SHIPPED_HEAD, ids, 48, tree=tree)
+    result = oracle_tau(target, SHIPPED_HEAD, ids, 48, tree=tree, draft_vocab_size=spec.draft_vocab_size)
     print(f"shipped head tau {result.tau:.3f} on {len(ids)} chat prompts x 48 tokens")
     assert result.tau > TAU_FLOOR, result.tau

@@ -1,4 +1,4 @@
-"""`vllm-hass` command line: convert, inspect, setup-cpu, train, bench, demo.
+"""`vllm-hass` command line: convert, inspect, vocab, setup-cpu, train, bench, demo.
 
 Each subcommand lives beside the code it drives and exposes
 `add_parser(subparsers)`; the parser sets `func`. Imports are lazy so that
@@ -19,6 +19,7 @@ from vllm_hass.errors import UserError
 SUBCOMMANDS = {
     "convert": "vllm_hass.converters.cli",
     "inspect": "vllm_hass.converters.cli",
+    "vocab": "vllm_hass.vocab_cli",
     "setup-cpu": "vllm_hass.cpu_alias",
     "train": "vllm_hass.train.cli",
     "bench": "vllm_hass.bench.cli",

@@ -3,6 +3,9 @@
     {"method": "hass", "model": DIR, "num_speculative_tokens": 3}              # chain
     {"method": "hass", "model": DIR,
      "tree": {"depth": 6, "top_k": 10, "total_tokens": 60}}                    # EAGLE-2 tree
+    {"method": "hass", "model": DIR, "tree": "auto"}                           # chosen per step
+    {"method": "hass", "model": DIR,
+     "tree": {"auto": true, "max_depth": 6, "max_top_k": 10, "max_total_tokens": 60}}
 
 It may be given as a dict, a JSON string or a path to a `.json` file; a
 relative `model` in a file is resolved against the file's directory. Every
@@ -30,6 +33,10 @@ PASSTHROUGH = {
     "enforce_eager": bool,
 }
 TREE_KEYS = ("depth", "top_k", "total_tokens")
+# "tree": "auto" (vllm_hass/auto_tree.py): the bounds of the shapes chosen per step, and
+# their defaults (the paper's tree: the largest shape the runner's buffers are sized for)
+AUTO_KEYS = ("auto", "max_depth", "max_top_k", "max_total_tokens")
+AUTO_DEFAULTS = {"max_depth": 6, "max_top_k": 10, "max_total_tokens": 60}
 # The tree sampler emits at most this many tokens per step; vLLM's rejection
 # sampler shares the bound (MAX_SPEC_LEN).
 MAX_TREE_TOKENS = 128
@@ -37,9 +44,14 @@ MAX_TREE_TOKENS = 128
 
 @dataclass(frozen=True)
 class TreeConfig:
+    """A fixed tree, or with `auto` the bounds (largest depth, top_k, total_tokens) of the
+    shapes "tree": "auto" chooses from each step: every buffer, vLLM's speculative-token
+    count and KV lookahead are sized for the bound."""
+
     depth: int
     top_k: int
     total_tokens: int
+    auto: bool = False
 
     @property
     def max_drafts(self) -> int:
@@ -52,7 +64,22 @@ class TreeConfig:
         return self.top_k * (self.depth - 1)
 
     def to_dict(self) -> dict[str, int]:
-        return {"depth": self.depth, "top_k": self.top_k, "total_tokens": self.total_tokens}
+        d = {"depth": self.depth, "top_k": self.top_k, "total_tokens": self.total_tokens}
+        if self.auto:
+            d["auto"] = True
+        return d
+
+
+def max_tree_tokens(depth: int, top_k: int) -> int:
+    """1 + the nodes depth levels of top_k can draft (top_k at depth 1, top_k**2 below)."""
+    return 1 + top_k + (depth - 1) * top_k * top_k
+
+
+def auto_bounds(depth: int, top_k: int, total: int) -> TreeConfig:
+    """The largest auto shape within the bounds: a bound no shape can reach is lowered to
+    what the others allow (depth <= total - 1; total <= what depth and top_k can draft)."""
+    depth = min(depth, total - 1)
+    return TreeConfig(depth, top_k, min(total, max_tree_tokens(depth, top_k)), auto=True)
 
 
 @dataclass(frozen=True)
@@ -62,6 +89,9 @@ class HassSpec:
     tree: TreeConfig | None = None
     passthrough: dict[str, Any] = field(default_factory=dict)
     source: str = "speculative config"
+    # Rows of the draft vocabulary the head drafts from (a prefix of the one stored with
+    # the head, most frequent first); 0 = the target's full vocabulary.
+    draft_vocab_size: int = 0
 
     @property
     def draft_tree(self) -> TreeConfig:
@@ -108,6 +138,8 @@ def load_raw(value: Any) -> tuple[dict, Path | None, str]:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError:  # a binary file would otherwise end in a traceback
+        raise UserError(f"{path}: not a JSON text file (not UTF-8)") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data, path.absolute().parent, str(path)
@@ -130,9 +162,33 @@ def _int(where: str, key: str, v: Any, minimum: int = 1) -> int:
     return v
 
 
+def parse_auto_tree(where: str, tree: dict) -> TreeConfig:
+    """`"tree": "auto"` or `{"auto": true, "max_depth": D, "max_top_k": K,
+    "max_total_tokens": T}` (each bound optional, AUTO_DEFAULTS)."""
+    for key in tree:
+        if key not in AUTO_KEYS:
+            raise UserError(f"{where}: unknown key 'tree.{key}' with 'tree.auto' (expected "
+                            f"{', '.join(AUTO_KEYS)})")
+    if tree["auto"] is not True:
+        raise UserError(f"{where}: 'tree.auto' must be true (or leave it out for a fixed tree), "
+                        f"got {tree['auto']!r}")
+    b = {k: tree.get(k, v) for k, v in AUTO_DEFAULTS.items()}
+    depth = _int(where, "tree.max_depth", b["max_depth"])
+    top_k = _int(where, "tree.max_top_k", b["max_top_k"])
+    total = _int(where, "tree.max_total_tokens", b["max_total_tokens"], minimum=2)
+    if total > MAX_TREE_TOKENS:
+        raise UserError(f"{where}: 'tree.max_total_tokens' must be <= {MAX_TREE_TOKENS}, got {total}")
+    return auto_bounds(depth, top_k, total)
+
+
 def parse_tree(where: str, tree: Any) -> TreeConfig:
+    if tree == "auto":
+        tree = {"auto": True}
+    if isinstance(tree, dict) and "auto" in tree:
+        return parse_auto_tree(where, tree)
     if not isinstance(tree, dict):
-        raise UserError(f"{where}: 'tree' must be an object with {', '.join(TREE_KEYS)}, got {tree!r}")
+        raise UserError(f"{where}: 'tree' must be an object with {', '.join(TREE_KEYS)} (or \"auto\"), "
+                        f"got {tree!r}")
     for key in tree:
         if key not in TREE_KEYS:
             raise UserError(f"{where}: unknown key 'tree.{key}' (expected {', '.join(TREE_KEYS)})")
@@ -144,6 +200,11 @@ def parse_tree(where: str, tree: Any) -> TreeConfig:
     total = _int(where, "tree.total_tokens", tree["total_tokens"], minimum=2)
     if total > MAX_TREE_TOKENS:
         raise UserError(f"{where}: 'tree.total_tokens' must be <= {MAX_TREE_TOKENS}, got {total}")
+    # A node at depth d needs its d - 1 ancestors in the tree: deeper levels can never be
+    # kept, and each would still cost top_k scratch slots (depth 10**6 asked vLLM for
+    # millions of speculative tokens).
+    if depth > total - 1:
+        raise UserError(f"{where}: 'tree.depth' must be <= total_tokens - 1 = {total - 1}, got {depth}")
     # Nodes drafted in total: top_k at depth 1, top_k*top_k candidates at each deeper level.
     drafted = top_k + (depth - 1) * top_k * top_k
     if total - 1 > drafted:
@@ -159,7 +220,7 @@ def parse_spec(value: Any) -> HassSpec:
     data, base, where = load_raw(value)
     if data.get("method") != METHOD:
         raise UserError(f"{where}: 'method' must be \"{METHOD}\", got {data.get('method')!r}")
-    allowed = {"method", "model", "num_speculative_tokens", "tree", *PASSTHROUGH}
+    allowed = {"method", "model", "num_speculative_tokens", "tree", "draft_vocab_size", *PASSTHROUGH}
     for key in data:
         if key not in allowed:
             raise UserError(
@@ -173,13 +234,16 @@ def parse_spec(value: Any) -> HassSpec:
     model_path = Path(model).expanduser()
     if not model_path.is_absolute() and base is not None:
         model_path = base / model_path
-    check_model_dir(where, model_path)
+    head_cfg = check_model_dir(where, model_path)
 
     tree = parse_tree(where, data["tree"]) if "tree" in data else None
     if tree is None:
         if "num_speculative_tokens" not in data:
             raise UserError(f"{where}: 'num_speculative_tokens' is required without a 'tree'")
         k = _int(where, "num_speculative_tokens", data["num_speculative_tokens"])
+        # a chain of k is the tree depth k, top_k 1: k + 1 tokens per step, the same bound
+        if k > MAX_TREE_TOKENS - 1:
+            raise UserError(f"{where}: 'num_speculative_tokens' must be <= {MAX_TREE_TOKENS - 1}, got {k}")
     else:
         # vLLM reserves this many KV slots and schedules up to this many drafts per
         # step: enough for the tree's nodes and for the draft's expansion scratch.
@@ -200,7 +264,50 @@ def parse_spec(value: Any) -> HassSpec:
             elif not isinstance(v, typ):
                 raise UserError(f"{where}: '{key}' must be a {typ.__name__}, got {v!r}")
             passthrough[key] = v
-    return HassSpec(str(model_path.absolute()), k, tree, passthrough, where)
+    top_k = tree.top_k if tree is not None else 1
+    # auto's default max_top_k (not a user's) is lowered to a smaller vocabulary
+    default_k = tree is not None and tree.auto and not (
+        isinstance(data["tree"], dict) and "max_top_k" in data["tree"])
+    vocab = resolve_draft_vocab(where, data.get("draft_vocab_size"), head_cfg, model_path,
+                                1 if default_k else top_k)
+    rows = vocab or head_cfg.get("vocab_size")
+    if default_k and isinstance(rows, int) and top_k > rows:
+        tree = auto_bounds(tree.depth, rows, tree.total_tokens)
+        top_k, k = tree.top_k, max(tree.max_drafts, tree.scratch_nodes)
+    if isinstance(rows, int) and top_k > rows:  # torch.topk would fail inside the engine
+        name = "tree.max_top_k" if tree is not None and tree.auto else "tree.top_k"
+        raise UserError(f"{where}: '{name}' must be <= the head's vocabulary ({rows}), got {top_k}")
+    mml = passthrough.get("max_model_len")
+    if mml is not None and k + 1 >= mml:  # the drafter needs last position + 1 + k < max_model_len
+        raise UserError(f"{where}: 'max_model_len' must be > {k + 1} (the drafts need {k + 1} "
+                        f"positions after the prompt), got {mml}")
+    return HassSpec(str(model_path.absolute()), k, tree, passthrough, where, vocab)
+
+
+def resolve_draft_vocab(where: str, value: Any, head_cfg: dict, head_dir: Path, top_k: int) -> int:
+    """hass.json's `draft_vocab_size` against the head: absent -> the stored vocabulary
+    whole (or the full one when the head has none), 0 -> the full vocabulary, n -> the n
+    most frequent tokens of the stored one."""
+    from vllm_hass.vocab import stored_size
+
+    stored = stored_size(head_cfg)
+    if value is None:
+        return stored
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise UserError(f"{where}: 'draft_vocab_size' must be an integer >= 0 (0 = full vocabulary), "
+                        f"got {value!r}")
+    if value == 0:
+        return 0
+    if stored == 0:
+        raise UserError(f"{where}: 'draft_vocab_size' is {value} but {head_dir} has no draft vocabulary "
+                        f"(build one with `vllm-hass vocab`, or use 0 for the full vocabulary)")
+    if value > stored:
+        raise UserError(f"{where}: 'draft_vocab_size' must be <= {stored} (the vocabulary stored with "
+                        f"{head_dir}) or 0, got {value}")
+    if value < top_k:
+        raise UserError(f"{where}: 'draft_vocab_size' must be >= the tree's top_k ({top_k}) or 0, "
+                        f"got {value}")
+    return value
 
 
 def check_model_dir(where: str, path: Path) -> dict:
@@ -218,6 +325,10 @@ def check_model_dir(where: str, path: Path) -> dict:
         cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{cfg_path}: malformed JSON at line {e.lineno}: {e.msg}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{cfg_path}: not a JSON text file (not UTF-8)") from None
+    if not isinstance(cfg, dict):  # cfg.get below would raise AttributeError
+        raise UserError(f"{cfg_path}: expected a JSON object, got {type(cfg).__name__}")
     archs = cfg.get("architectures") or []
     if PLUGIN_ARCH not in archs:
         raise UserError(

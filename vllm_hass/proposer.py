@@ -28,8 +28,27 @@ class HassTreeProposer(TreeDrafter, EagleProposer):
         super().__init__(vllm_config, device, runner)
         self.tree = tree
 
+    def load_model(self, target_model) -> None:
+        super().load_model(target_model)
+        # After vLLM shared the target's lm_head: cut the draft vocabulary's rows from it.
+        self.model.use_draft_vocab()
+
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.compute_logits(hidden)
+        return self.model.compute_draft_logits(hidden)
+
+    def _draft_token_ids(self) -> torch.Tensor | None:
+        return self.model.draft_token_ids
+
+    def dummy_pass(self, n: int, logits: bool) -> None:
+        """The head's forward over n dummy rows with no attention metadata (as vLLM's own
+        dummy runs), and with `logits` its draft logits: timed by the runner at start-up
+        ("tree": "auto"'s cost priors)."""
+        with set_forward_context(None, self.vllm_config, num_tokens=n,
+                                 cudagraph_runtime_mode=CUDAGraphMode.NONE):
+            out, _ = self.model(input_ids=self.input_ids[:n], positions=self._get_positions(n),
+                                hidden_states=self.hidden_states[:n], inputs_embeds=None)
+        if logits:
+            self._logits(out)
 
     def _forward(self, input_ids, positions, hidden, attn: DraftAttn):
         cad = CommonAttentionMetadata(

@@ -31,6 +31,7 @@ import logging
 import numpy as np
 import torch
 
+from vllm_hass.auto_runner import AutoRunnerMixin
 from vllm_hass.config import tree_config
 
 logger = logging.getLogger("vllm_hass")
@@ -104,7 +105,7 @@ def check_tree_backends(attn_groups, tree) -> None:
                 "or chain mode (num_speculative_tokens, no tree)")
 
 
-class HassRunnerMixin:
+class HassRunnerMixin(AutoRunnerMixin):
     def __init__(self, vllm_config, device):
         tree = tree_config(vllm_config)
         if tree is not None:
@@ -119,8 +120,13 @@ class HassRunnerMixin:
         self.drafter = HassTreeProposer(vllm_config, self.device, self, tree)
         self._hass_init_buffers(vllm_config.speculative_config.num_speculative_tokens)
         self._hass_rank_check = rank_check.RankChecker() if rank_check.enabled() else None
-        logger.info("vllm-hass: EAGLE-2 trees depth=%d top_k=%d total_tokens=%d",
-                    tree.depth, tree.top_k, tree.total_tokens)
+        if tree.auto:
+            self._hass_auto = self._hass_make_auto()
+            logger.info("vllm-hass: auto trees (chosen each step) within depth<=%d top_k<=%d "
+                        "total_tokens<=%d", tree.depth, tree.top_k, tree.total_tokens)
+        else:
+            logger.info("vllm-hass: EAGLE-2 trees depth=%d top_k=%d total_tokens=%d",
+                        tree.depth, tree.top_k, tree.total_tokens)
 
     def _hass_init_buffers(self, num_spec: int) -> None:
         """Host/device buffers at their maximum sizes, once (see step.Staging)."""
@@ -129,8 +135,11 @@ class HassRunnerMixin:
         B, T = self.max_num_reqs, self.max_num_tokens
         N = 1 + num_spec
         words = -(-N // 32)
+        cells = 2 if self._hass_tree.auto else 0  # auto: acceptance-statistics cells per slot
         self._hass_store = DraftStore(2 * B, num_spec)  # each request's last tree
-        self._hass_verify_staging = Staging((11 + words) * B * N + 8 * B + 1, self.device)
+        self._hass_verify_staging = Staging((11 + cells + words) * B * N + 8 * B + 1, self.device)
+        self._hass_auto = None  # auto_runtime.AutoRuntime ("tree": "auto")
+        self._hass_stale: dict[str, None] = {}  # requests with holes in their draft KV (auto)
         self._hass_first_staging = Staging(8 * T + 6 * B + 1, self.device)
         self._hass_seed_staging = Staging(B, self.device)
         self._hass_step = None  # step.TreeStep of the step being run
@@ -148,6 +157,8 @@ class HassRunnerMixin:
             self._hass_caches = kv_layer_views(self._hass_target_caches())
             if self.device.type == "cuda":
                 self._hass_warmup_kernels()
+            if self._hass_auto is not None:
+                self._hass_measure_costs()
 
     def _hass_warmup_kernels(self) -> None:
         """Compile every tree-attention kernel variant serving can use, now (issue 13 item
@@ -185,6 +196,9 @@ class HassRunnerMixin:
         from vllm_hass.step import verify_layout
 
         self._hass_step = self._hass_pending_attn = None
+        auto = self._hass_auto
+        if auto is not None:
+            auto.begin()
         spec_md = out[1]
         if spec_md is not None:  # some request has drafts scheduled
             ib = self.input_batch
@@ -195,7 +209,7 @@ class HassRunnerMixin:
                 num_drafts=np.asarray(spec_md.num_draft_tokens), input_ids=self.input_ids.np[: qsl[B]],
                 store=self._hass_store, req_ids=ib.req_ids,
                 block_table=ib.block_table[0].get_device_tensor(B), positions=self.positions,
-                staging=self._hass_verify_staging)
+                staging=self._hass_verify_staging, stats=None if auto is None else auto.cells)
             self._hass_pending_attn = self._hass_step.attn
         return out
 
@@ -227,6 +241,8 @@ class HassRunnerMixin:
             src, dst = compaction_pairs(step.acc, step.root_pos)
             block_table = self.input_batch.block_table[0].get_device_tensor(step.num_reqs)
             compact_kv(self._hass_caches, block_table, self.cache_config.block_size, src, dst)
+        if self._hass_auto is not None:
+            self._hass_auto.count(step, step.acc)
         return out
 
     def _hass_target_caches(self) -> list[torch.Tensor]:
@@ -277,6 +293,8 @@ class HassRunnerMixin:
         acc = step.acc if step is not None else None
         if acc is None:  # no request had drafts this step: all came from vLLM's sampler
             step, acc = None, _plain_accepted(sampled_token_ids, B, self.device)
+        if self._hass_auto is not None:
+            return self._hass_propose_auto(step, acc, hidden_states)
         qsl = self.query_start_loc.np[: B + 1]
         fp = first_pass_layout(
             num_reqs=B, qsl=qsl, computed=ib.num_computed_tokens_cpu[:B],

@@ -56,22 +56,28 @@ class Staging:
 
 
 class DraftStore:
-    """Each request's last drafted tree (tokens, parents, depths; BFS, 1-based parents),
-    as host arrays: what the scheduler sends back as speculative tokens is matched
+    """Each request's last drafted tree (tokens, parents, depths, score ranks; BFS, 1-based
+    parents) and the kind of tree it is (`kind`: its acceptance-statistics table, -1 =
+    none), as host arrays: what the scheduler sends back as speculative tokens is matched
     against it to recover the tree topology. Also item-assignable by request id (the
-    tests' forced drafts)."""
+    tests' forced drafts: ranks unknown)."""
+
+    ROWS = 4  # tokens, parents, depths, ranks
 
     def __init__(self, rows: int, width: int):
         self.width = width
-        self.arrays = np.full((3, rows, width), -1, dtype=np.int64)  # tokens, parents, depths
+        self.arrays = np.full((self.ROWS, rows, width), -1, dtype=np.int64)
+        self.kind = np.full(rows, -1, dtype=np.int64)
         self.index: dict[str, int] = {}
         self.count = 0
 
-    def replace(self, req_ids: list[str], packed: np.ndarray) -> None:
-        """packed [3, Be, M]: this step's trees for req_ids (in order)."""
-        be, m = packed.shape[1], packed.shape[2]
-        self.arrays[:, :be, :m] = packed
+    def replace(self, req_ids: list[str], packed: np.ndarray, kind: np.ndarray | int = -1) -> None:
+        """packed [3 or 4, Be, M]: this step's trees for req_ids (in order); kind [Be]."""
+        r, be, m = packed.shape
+        self.arrays[:r, :be, :m] = packed
+        self.arrays[r:, :be] = -1
         self.arrays[:, :be, m:] = -1
+        self.kind[:be] = kind
         self.index = dict(zip(req_ids, range(be)))
         self.count = be
 
@@ -82,7 +88,8 @@ class DraftStore:
             self.index[req_id] = row
         t = np.asarray(tree, dtype=np.int64)
         self.arrays[:, row] = -1
-        self.arrays[:, row, : t.shape[1]] = t
+        self.arrays[: t.shape[0], row, : t.shape[1]] = t
+        self.kind[row] = -1
 
     def __getitem__(self, req_id: str):
         a = self.arrays[:, self.index[req_id]]
@@ -134,6 +141,9 @@ class TreeStep:
     slot_row: torch.Tensor  # [B, N] index into live_rows of each slot (-1: padding)
     root_pos: torch.Tensor  # [B] int64 position of each root (num_computed_tokens)
     attn: TreeAttnInfo | None  # target tree attention (None: only chains / no trees)
+    req_depth: np.ndarray | None = None  # [B] host: deepest verified slot of each request
+    stat_cells: torch.Tensor | None = None  # [B, N, 2] acceptance-statistics cells ("auto")
+    stat_cells_host: np.ndarray | None = None  # the same, on the host
     first: FirstPass | None = None  # filled once eligibility is known (propose)
     acc: object | None = None  # sampler.Accepted, filled by _sample
 
@@ -162,14 +172,18 @@ def ancestor_masks(parents: np.ndarray, n: np.ndarray) -> np.ndarray:
 
 def verify_layout(*, num_reqs: int, qsl: np.ndarray, computed: np.ndarray, num_drafts: np.ndarray,
                   input_ids: np.ndarray, store: DraftStore, req_ids: list[str],
-                  block_table: torch.Tensor, positions: torch.Tensor, staging: Staging) -> TreeStep:
+                  block_table: torch.Tensor, positions: torch.Tensor, staging: Staging,
+                  stats=None) -> TreeStep:
     """The verification step's layout (vLLM laid the drafts out as a chain; we recover
     each request's tree from the store and rewrite the drafts' RoPE positions).
 
     qsl [B+1], computed [B], num_drafts [B], input_ids [T]: vLLM's host arrays for this
     step (input_ids holds each request's root then its scheduled drafts). A request whose
     scheduled drafts are not (a prefix of) its stored tree — vLLM's -1 placeholders of a
-    resumed request, say — verifies its root only."""
+    resumed request, say — verifies its root only. Trees of any size and shape mix in one
+    step (each request's own, padded to the largest). stats(kind [B], depths, ranks,
+    parents, live [B, N]) -> [B, N, 2] int64: acceptance-statistics cells of every slot
+    ("tree": "auto"), staged with the rest."""
     B = num_reqs
     k = num_drafts[:B].astype(np.int64)
     N = 1 + int(k.max())
@@ -178,7 +192,7 @@ def verify_layout(*, num_reqs: int, qsl: np.ndarray, computed: np.ndarray, num_d
     start = qsl[:B].astype(np.int64)
     tok = np.where(sched, input_ids[np.minimum(start[:, None] + cols, input_ids.size - 1)], -1)
     srow = store.rows_of(req_ids)
-    st = store.arrays[:, np.maximum(srow, 0), : N - 1]  # [3, B, N-1]
+    st = store.arrays[: 3 if stats is None else 4, np.maximum(srow, 0), : N - 1]  # [3|4, B, N-1]
     match = (srow >= 0) & (k > 0) & ((st[0] == tok[:, 1:]) | ~sched[:, 1:]).all(1)
     n = np.where(match, 1 + k, 1)
     live = cols < n[:, None]
@@ -206,6 +220,14 @@ def verify_layout(*, num_reqs: int, qsl: np.ndarray, computed: np.ndarray, num_d
     tree_reqs = np.nonzero((n > 1) & ~chain.all(1))[0]
     arrays = [tokens, parents, depths, n, rows, live_rows, row_req, slot_row,
               computed[:B].astype(np.int64), pos_rows, pos_vals]
+    cells = None
+    if stats is not None:
+        ranks = np.full((B, N), -1, dtype=np.int64)
+        ranks[:, 1:] = np.where(live[:, 1:], st[3], -1)
+        kind = np.where(srow >= 0, store.kind[np.maximum(srow, 0)], -1)
+        cells = stats(kind, depths, ranks, parents, live)
+        arrays.append(cells)
+    fixed = len(arrays)
     if tree_reqs.size:
         nt = n[tree_reqs]
         mask = ancestor_masks(parents[tree_reqs], nt)
@@ -216,7 +238,7 @@ def verify_layout(*, num_reqs: int, qsl: np.ndarray, computed: np.ndarray, num_d
     positions[prow_d] = pval_d
     attn = None
     if tree_reqs.size:
-        treq_d, qsl_d, qstart_d, pre_d, tl_d, mask_d = dev[11:]
+        treq_d, qsl_d, qstart_d, pre_d, tl_d, mask_d = dev[fixed:]
         attn = TreeAttnInfo(
             query_start_loc=qsl_d.int(), q_row_start=qstart_d.int(),
             block_table=block_table[treq_d], prefix_lens=pre_d.int(), tree_lens=tl_d.int(),
@@ -227,17 +249,20 @@ def verify_layout(*, num_reqs: int, qsl: np.ndarray, computed: np.ndarray, num_d
         num_reqs=B, verify=verify, any_verify=bool(verify.any()),
         max_depth=int(depths.max()),
         trees=VerifyTrees(tokens=tokens_d, parents=parents_d, depths=depths_d, n=n_d, rows=rows_d),
-        live_rows=live_d, row_req=rreq_d, slot_row=srow_d, root_pos=root_d, attn=attn)
+        live_rows=live_d, row_req=rreq_d, slot_row=srow_d, root_pos=root_d, attn=attn,
+        req_depth=depths.max(1), stat_cells=None if cells is None else dev[11],
+        stat_cells_host=cells)
 
 
 def first_pass_layout(*, num_reqs: int, qsl: np.ndarray, computed: np.ndarray,
-                      verify: np.ndarray | None, depth: int, input_ids: np.ndarray,
+                      verify: np.ndarray | None, depth: int | np.ndarray, input_ids: np.ndarray,
                       token_ids: np.ndarray, partial: np.ndarray, params_ok: np.ndarray,
                       room: int, max_model_len: int, staging: Staging) -> FirstPass:
     """Host layout of the draft's first pass (see FirstPass). token_ids [B, max_len]:
     vLLM's per-request token buffer (the next prompt token of a partial prefill chunk);
     partial [B]: a chunk that does not end its prompt; params_ok [B]: sampling options
-    allow a tree; room: KV positions a tree needs after the last accepted token."""
+    allow a tree; room: KV positions a tree needs after the last accepted token; depth:
+    the longest path a verified tree can have (or [B], each request's)."""
     B = num_reqs
     start = qsl[:B].astype(np.int64)
     n_sched = qsl[1: B + 1].astype(np.int64) - start

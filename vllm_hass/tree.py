@@ -38,6 +38,9 @@ class Trees:
     tokens: torch.Tensor  # [B, M] int64 drafted tokens (slot i+1 = column i)
     parents: torch.Tensor  # [B, M] int64 parent slot (0 = root)
     depths: torch.Tensor  # [B, M] int64 (1 = child of the root)
+    # [B, M] int64: each node's rank by cumulative draft score (0 = best; EAGLE-2's rerank
+    # order), read by "tree": "auto"'s acceptance statistics (vllm_hass/auto_tree.py)
+    ranks: torch.Tensor | None = None
 
     def packed(self) -> torch.Tensor:
         """[3, B, M]: tokens, parents, depths in one tensor (one copy to the host)."""
@@ -95,13 +98,13 @@ def grow(root_logp: torch.Tensor, expand: Expand, *, top_k: int, depth: int,
     level_all = torch.cat([torch.full_like(t, lv) for t, lv in zip(toks, levels)], 1)
     M = min(total_tokens - 1, tok_all.shape[1])
     keep = torch.sort(score_all, dim=1, descending=True, stable=True).indices[:, :M]
-    keep = torch.sort(keep, dim=1).values  # storage order is level order: BFS
+    keep, ranks = torch.sort(keep, dim=1)  # storage order is level order: BFS
     slot_of = torch.full_like(tok_all, -1)
     slot_of.scatter_(1, keep, torch.arange(1, M + 1, device=dev).expand(B, M))
     par = parent_all.gather(1, keep)
     # connected by construction (module docstring); tests/test_tree.py checks it
     tree_par = torch.where(par < 0, 0, slot_of.gather(1, par.clamp(min=0)))
-    return Trees(tok_all.gather(1, keep), tree_par, level_all.gather(1, keep))
+    return Trees(tok_all.gather(1, keep), tree_par, level_all.gather(1, keep), ranks)
 
 
 @dataclass

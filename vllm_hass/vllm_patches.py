@@ -307,6 +307,8 @@ def _patch_engine_args() -> None:
         # temperatures (see sampler.tree_probs).
         if spec.tree is not None or current_platform.is_cpu():
             cfg.draft_model_config.hf_config.hass_tree = spec.draft_tree.to_dict()
+        # The draft model reads it when it builds its lm_head (draft_model.py).
+        cfg.draft_model_config.hf_config.hass_draft_vocab_size = spec.draft_vocab_size
         return cfg
 
     patch(EngineArgs, "create_speculative_config", create_speculative_config,

@@ -5,6 +5,7 @@
     vllm-hass bench speedup-model --tau 5.08
     vllm-hass bench compare runs/bench-eagle runs/bench-hass --label EAGLE HASS
     vllm-hass bench host-overhead --batch-sizes 1,8,64
+    vllm-hass bench load --target T --spec hass.json --clients 32 --duration 60 --out runs/load
 
 Everything here is argument parsing and cheap validation; the work (and the heavy
 imports) live in `runner.py` and `speedup_model.py`.
@@ -48,6 +49,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                               "num_speculative_tokens, or its tree's depth)")
     p.add_argument("--tree", help="DEPTH,TOP_K,TOTAL_TOKENS for hass-tree (default: the spec's 'tree')")
     p.add_argument("--eager", action="store_true", help="enforce eager mode on CUDA too")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="run the configurations this many times, alternated (A B A B); times are medians")
+    p.add_argument("--draft-vocab", help="comma-separated draft vocabulary sizes (0 = full) to run each "
+                                         "HASS configuration with (default: the spec's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true",
                    help="reuse results in OUT/jobs whose job is identical (finish an interrupted run)")
@@ -60,6 +65,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from vllm_hass.bench.compare import add_parser as add_compare_parser
 
     add_compare_parser(sub)
+    from vllm_hass.bench.draft_level import add_parser as add_draft_level_parser
+
+    add_draft_level_parser(sub)
+    from vllm_hass.bench.load import add_parser as add_load_parser
+
+    add_load_parser(sub)
     h = sub.add_parser("host-overhead", help="syncs, torch ops and host ms of the plugin's engine "
                        "step (stand-in forwards; runs without vLLM)")
     h.add_argument("--batch-sizes", default="1,8,64", type=int_list_arg("--batch-sizes"))
@@ -94,6 +105,14 @@ def validate(args) -> dict:
                     ("--max-prompt-len", args.max_prompt_len)):
         if v < 1:
             raise UserError(f"{flag} {v}: expected a positive integer")
+    if args.rounds < 1:
+        raise UserError(f"--rounds {args.rounds}: expected a positive integer")
+    draft_vocab = None
+    if args.draft_vocab is not None:
+        parts = [p.strip() for p in args.draft_vocab.split(",") if p.strip()]
+        if not parts or not all(p.isdigit() for p in parts):
+            raise UserError(f"--draft-vocab {args.draft_vocab}: expected sizes >= 0, e.g. 4096,8192,0")
+        draft_vocab = [int(p) for p in parts]
     if args.chain_k is not None and args.chain_k < 1:
         raise UserError(f"--chain-k {args.chain_k}: expected a positive integer")
     tree = None
@@ -120,6 +139,8 @@ def validate(args) -> dict:
         "eager": args.eager,
         "seed": args.seed,
         "resume": args.resume,
+        "rounds": args.rounds,
+        "draft_vocab": draft_vocab,
     }
 
 
@@ -132,6 +153,14 @@ def run(args) -> int:
         from vllm_hass.bench.host_overhead import run as run_host_overhead
 
         return run_host_overhead(args)
+    if getattr(args, "bench_command", None) == "draft-level":
+        from vllm_hass.bench.draft_level import run as run_draft_level
+
+        return run_draft_level(args)
+    if getattr(args, "bench_command", None) == "load":
+        from vllm_hass.bench.load import run as run_load
+
+        return run_load(args)
     if getattr(args, "bench_command", None) == "compare":
         from vllm_hass.bench.compare import run as run_compare
 

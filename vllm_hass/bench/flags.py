@@ -5,13 +5,14 @@ from __future__ import annotations
 from vllm_hass.errors import UserError
 
 
-def int_list(value: str, flag: str) -> list[int]:
+def int_list(value: str, flag: str, minimum: int = 1) -> list[int]:
     try:
         items = [int(v) for v in value.split(",")]
     except ValueError:
         items = []
-    if not items or any(v < 1 for v in items):
-        raise UserError(f"{flag} {value}: expected comma-separated positive integers, e.g. 1,8,32")
+    if not items or any(v < minimum for v in items):
+        what = "positive integers" if minimum == 1 else f"integers >= {minimum}"
+        raise UserError(f"{flag} {value}: expected comma-separated {what}, e.g. 1,8,32")
     return sorted(set(items))
 
 

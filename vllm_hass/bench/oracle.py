@@ -112,9 +112,17 @@ class DraftTree:
 class Drafter:
     """The head, its KV cache over verified positions, and EAGLE-2's tree expansion."""
 
-    def __init__(self, head: HassHead, embed: torch.Tensor, lm_head: torch.Tensor):
-        self.head, self.embed, self.lm_head = head, embed, lm_head
+    def __init__(self, head: HassHead, embed: torch.Tensor, lm_head: torch.Tensor,
+                 draft_ids: torch.Tensor | None = None):
+        # With a draft vocabulary (draft_ids [Vd]: target id of each draft token) the head
+        # scores lm_head[draft_ids] only, as the plugin's drafter does.
+        self.head, self.embed, self.draft_ids = head, embed, draft_ids
+        self.lm_head = lm_head if draft_ids is None else lm_head[draft_ids.to(lm_head.device)]
         self.k = self.v = None  # [1, nkv, S, D]: one entry per (feature_j, token_j+1) pair
+
+    def _target_ids(self, idx: torch.Tensor) -> list:
+        """Draft-vocabulary indices -> target token ids."""
+        return (idx if self.draft_ids is None else self.draft_ids.to(idx.device)[idx]).tolist()
 
     def _run(self, tokens, hidden, positions, mask=None, past=None):
         dev = self.embed.device
@@ -147,7 +155,7 @@ class Drafter:
         # Candidate pool: every child ever scored. `frontier` holds pool ids of the
         # nodes expanded next; fwd_* describe nodes already run through the head.
         lp = self.logprobs(root_out).topk(K)
-        tok, score = lp.indices.tolist(), lp.values.tolist()
+        tok, score = self._target_ids(lp.indices), lp.values.tolist()
         parent, depth = [-1] * K, [1] * K
         frontier = list(range(K))
         hidden_in = root_out.expand(K, -1)
@@ -172,7 +180,7 @@ class Drafter:
             cum = child.values + torch.tensor([score[i] for i in frontier], device=out.device)[:, None]
             first_child = len(tok)
             for f, node in enumerate(frontier):
-                tok += child.indices[f].tolist()
+                tok += self._target_ids(child.indices[f])
                 score += cum[f].tolist()
                 parent += [node] * K
                 depth += [level + 1] * K
@@ -251,11 +259,15 @@ def accept(tree: DraftTree, target_argmax: list[int]) -> list[int]:
 
 
 class Oracle:
-    def __init__(self, model, head: HassHead, embed: torch.Tensor, lm_head: torch.Tensor):
+    def __init__(self, model, head: HassHead, embed: torch.Tensor, lm_head: torch.Tensor,
+                 draft_ids: torch.Tensor | None = None):
         self.model, self.head, self.embed, self.lm_head = model, head, embed, lm_head
+        self.draft_ids = draft_ids  # [Vd] the draft vocabulary, or None (full)
 
     @classmethod
-    def load(cls, target_dir, head_dir, *, dtype=torch.float32, device="cpu") -> "Oracle":
+    def load(cls, target_dir, head_dir, *, dtype=torch.float32, device="cpu",
+             draft_vocab_size: int = 0) -> "Oracle":
+        """draft_vocab_size: a prefix of the head's stored draft vocabulary; 0 = full."""
         from transformers import AutoModelForCausalLM
 
         from vllm_hass.converters.layout import load_checkpoint
@@ -270,7 +282,13 @@ class Oracle:
         # A head that ships its own embedding / lm_head uses it; otherwise it shares the target's.
         embed = ckpt.weights.get("embed_tokens.weight", model.get_input_embeddings().weight)
         lm_head = ckpt.weights.get("lm_head.weight", model.lm_head.weight)
-        return cls(model, head, embed.to(device, dtype), lm_head.to(device, dtype))
+        draft_ids = None
+        if draft_vocab_size:
+            from vllm_hass.vocab import read_vocab
+
+            draft_ids, _ = read_vocab(head_dir)
+            draft_ids = draft_ids[:draft_vocab_size]
+        return cls(model, head, embed.to(device, dtype), lm_head.to(device, dtype), draft_ids)
 
     @torch.no_grad()
     def generate(self, prompt: list[int], max_new_tokens: int, shape: TreeShape):
@@ -289,7 +307,7 @@ class Session:
     @torch.no_grad()
     def __init__(self, oracle: Oracle, prompt: list[int]):
         self.target = Target(oracle.model)
-        self.drafter = Drafter(oracle.head, oracle.embed, oracle.lm_head)
+        self.drafter = Drafter(oracle.head, oracle.embed, oracle.lm_head, oracle.draft_ids)
         self.feats, logits = self.target.forward(prompt, list(range(len(prompt))))
         self.seq = list(prompt) + [int(logits[-1].argmax())]
 
@@ -349,10 +367,12 @@ def oracle_tau(
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     progress=None,
+    draft_vocab_size: int = 0,
 ) -> Result:
     """tau, acceptance per depth and tokens for greedy EAGLE-2 decoding of every prompt."""
     shape = resolve_shape(tree, k)
-    oracle = Oracle.load(Path(target_dir), Path(head_dir), dtype=dtype, device=device)
+    oracle = Oracle.load(Path(target_dir), Path(head_dir), dtype=dtype, device=device,
+                         draft_vocab_size=draft_vocab_size)
     tokens, accepted = [], []
     for prompt in prompts_token_ids:
         out, acc = oracle.generate(list(prompt), max_new_tokens, shape)

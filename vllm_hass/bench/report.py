@@ -4,7 +4,10 @@ tau       = accepted draft tokens / verify steps + 1 (vLLM counts one draft per
             request per step; the +1 is the token the target adds itself).
 accept@d  = steps that accepted >= d draft tokens / steps.
 speedup   = output tokens/s of the configuration / that of no speculation at the
-            same batch size and temperature, measured in the same run.
+            same batch size and temperature, measured in the same run; with --rounds N
+            the configurations run N times alternated and each time is the median.
+            A speedup above tau cannot be real (a step yields at most tau tokens and
+            costs at least a plain step): such rows are flagged as noise.
 """
 
 from __future__ import annotations
@@ -59,6 +62,11 @@ def assemble(meta: dict, configs, engine_results: dict, oracle_results: list[dic
                 # Both are "accepted per step"; a plugin that counts them differently is misreporting.
                 notes.append(f"counters disagree: accepted/drafts {r['accepted'] / r['drafts']:.2f} "
                              f"vs Σ accept@d {sum(per_pos):.2f}")
+            tau = (r["accepted"] / r["drafts"] + 1) if spec and r["drafts"] else None
+            speedup = tps / (ref["output_tokens"] / ref["elapsed_s"]) if ref else None
+            if tau and speedup and speedup > tau:
+                # at most tau tokens per target step, each step at least a plain decode step
+                notes.append(f"speedup {speedup:.2f}× above τ {tau:.2f}: timing noise")
             rows.append({
                 "config": c.name,
                 "batch_size": r["batch_size"],
@@ -68,8 +76,9 @@ def assemble(meta: dict, configs, engine_results: dict, oracle_results: list[dic
                 "elapsed_s": r["elapsed_s"],
                 "tokens_per_s": tps,
                 "requests_per_s": r["num_requests"] / r["elapsed_s"],
-                "speedup": tps / (ref["output_tokens"] / ref["elapsed_s"]) if ref else None,
-                "tau": (r["accepted"] / r["drafts"] + 1) if spec and r["drafts"] else None,
+                "speedup": speedup,
+                "tau": tau,
+                "elapsed_rounds": r.get("elapsed_rounds"),
                 "drafts": r["drafts"],
                 "draft_tokens": r["draft_tokens"],
                 "accepted": r["accepted"],

@@ -72,19 +72,30 @@ def plan(settings: dict, spec, out: Path) -> tuple[list[Config], list[dict]]:
         notes = [f"stock drops {', '.join(dropped)}"] if dropped else []
         configs.append(Config("eagle", {"method": "eagle", "model": str(path.resolve()),
                                         "num_speculative_tokens": k}, chain_shape, notes))
-    hass = {"method": "hass", "model": spec.model, **spec.passthrough}
     no_plugin = None if plugin_available() else "vllm_hass.plugin is not installed"
-    if "hass-chain" in wanted:
-        configs.append(Config("hass-chain", {**hass, "num_speculative_tokens": k}, chain_shape,
-                              skip=no_plugin))
-    if "hass-tree" in wanted:
-        skip = no_plugin or (None if tree else "no tree: give the spec a 'tree' or pass --tree")
-        configs.append(Config("hass-tree", {**hass, "tree": tree} if tree else None, tree_shape,
-                              skip=skip))
-    if "oracle" in wanted:
-        shapes.append({"name": chain_shape, "k": k})
-        if tree:
-            shapes.append({"name": tree_shape, "tree": tree})
+    # --draft-vocab V1,V2: every HASS configuration (and oracle shape) once per draft
+    # vocabulary size, named ...-v4096 / ...-vfull; without it the spec's own.
+    vocabs = settings.get("draft_vocab") or [spec.draft_vocab_size]
+    if settings.get("draft_vocab"):
+        from vllm_hass.config import check_model_dir, resolve_draft_vocab
+
+        head_cfg = check_model_dir("--spec", Path(spec.model))
+        for v in vocabs:
+            resolve_draft_vocab("--draft-vocab", v, head_cfg, Path(spec.model), (tree or {}).get("top_k", 1))
+    for v in vocabs:
+        sfx = "" if not settings.get("draft_vocab") else f"-v{v or 'full'}"
+        hass = {"method": "hass", "model": spec.model, **spec.passthrough, "draft_vocab_size": v}
+        if "hass-chain" in wanted:
+            configs.append(Config(f"hass-chain{sfx}", {**hass, "num_speculative_tokens": k},
+                                  chain_shape + sfx, skip=no_plugin))
+        if "hass-tree" in wanted:
+            skip = no_plugin or (None if tree else "no tree: give the spec a 'tree' or pass --tree")
+            configs.append(Config(f"hass-tree{sfx}", {**hass, "tree": tree} if tree else None,
+                                  tree_shape + sfx if tree else None, skip=skip))
+        if "oracle" in wanted:
+            shapes.append({"name": chain_shape + sfx, "k": k, "draft_vocab_size": v})
+            if tree:
+                shapes.append({"name": tree_shape + sfx, "tree": tree, "draft_vocab_size": v})
     return configs, shapes
 
 
@@ -166,6 +177,20 @@ def last_error(log_path: Path, rc: int) -> str:
     return lines[-1][:200] if lines else "no output"
 
 
+def merge_rounds(results: list[dict]) -> dict:
+    """One result per configuration from its rounds: the first round's counters and tokens
+    (identical across rounds: same prompts, seeds and greedy/seeded sampling), each run's
+    elapsed time the median over rounds, every round's kept in elapsed_rounds."""
+    import statistics
+
+    merged = json.loads(json.dumps(results[0]))
+    for i, run in enumerate(merged["runs"]):
+        times = [r["runs"][i]["elapsed_s"] for r in results]
+        run["elapsed_rounds"] = times
+        run["elapsed_s"] = statistics.median(times)
+    return merged
+
+
 class Bench:
     def __init__(self, settings: dict):
         self.s = settings
@@ -228,27 +253,37 @@ class Bench:
         eager = device == "cpu" or s["eager"]
         max_len = self.max_model_len(prompts, configs)
         runnable = [c for c in configs if c.skip is None]
-        total = len(runnable) * len(s["batch_sizes"]) * len(s["temperatures"]) + len(shapes) * len(prompts)
+        total = (len(runnable) * len(s["batch_sizes"]) * len(s["temperatures"]) * s.get("rounds", 1)
+                 + len(shapes) * len(prompts))
         engine_results: dict[str, dict] = {}
         oracle_results: list[dict] = []
         t0 = time.perf_counter()
         with tqdm(total=total, unit="run", dynamic_ncols=True) as bar:
-            for c in runnable:
-                bar.set_description(c.name)
-                job = {
-                    "kind": "engine", "target": str(s["target"].resolve()),
-                    "speculative_config": c.speculative_config, "prompts": prompts,
-                    "batch_sizes": s["batch_sizes"], "temperatures": s["temperatures"],
-                    "max_tokens": s["max_tokens"], "dtype": vllm_dtype, "enforce_eager": eager,
-                    "max_model_len": max_len, "seed": s["seed"],
-                }
-                result, err = run_worker(job, c.name, jobs_dir, device, lambda: bar.update(1),
-                                         s.get("resume", False))
-                if err:
-                    c.skip = f"failed: {err}"
-                    tqdm.write(f"{c.name}: {c.skip}")
-                else:
-                    engine_results[c.name] = result
+            # Rounds alternate the configurations (A B A B ...): machine drift hits all
+            # alike; each run's time is the median over rounds (merge_rounds).
+            rounds: dict[str, list[dict]] = {}
+            for rnd in range(s.get("rounds", 1)):
+                for c in runnable:
+                    if c.skip is not None:
+                        continue
+                    bar.set_description(c.name if s.get("rounds", 1) == 1 else f"{c.name} r{rnd + 1}")
+                    job = {
+                        "kind": "engine", "target": str(s["target"].resolve()),
+                        "speculative_config": c.speculative_config, "prompts": prompts,
+                        "batch_sizes": s["batch_sizes"], "temperatures": s["temperatures"],
+                        "max_tokens": s["max_tokens"], "dtype": vllm_dtype, "enforce_eager": eager,
+                        "max_model_len": max_len, "seed": s["seed"],
+                    }
+                    name = c.name if rnd == 0 else f"{c.name}.r{rnd + 1}"
+                    result, err = run_worker(job, name, jobs_dir, device, lambda: bar.update(1),
+                                             s.get("resume", False))
+                    if err:
+                        c.skip = f"failed: {err}"
+                        tqdm.write(f"{c.name}: {c.skip}")
+                        rounds.pop(c.name, None)
+                    else:
+                        rounds.setdefault(c.name, []).append(result)
+            engine_results = {name: merge_rounds(rs) for name, rs in rounds.items()}
             if shapes:
                 bar.set_description("oracle")
                 job = {"kind": "oracle", "target": str(s["target"].resolve()), "head": spec.model,
@@ -268,6 +303,7 @@ class Bench:
             "batch_sizes": s["batch_sizes"], "temperatures": s["temperatures"],
             "device": device, "dtype": vllm_dtype, "oracle_dtype": oracle_dtype,
             "enforce_eager": eager, "max_model_len": max_len, "seed": s["seed"], "resumed": s.get("resume", False),
+            "rounds": s.get("rounds", 1), "draft_vocab": s.get("draft_vocab"),
             "wall_s": round(time.perf_counter() - t0, 1), **report.versions(),
             "command": " ".join(sys.argv),
         }

@@ -15,6 +15,10 @@ GPU this times, with random bf16 weights,
 then predicts, for an EAGLE-2 tree of (depth, top_k, total_tokens) and a measured tau:
   cycle(b)   = verify(b, total_tokens) + draft(b, ceil(tau)) + (depth - 1) * draft(b, top_k)
   speedup(b) = tau * verify(b, 1) / cycle(b)
+Without a GPU, `--roofline h100` predicts the same step times from bytes moved and
+FLOPs at a GPU's datasheet peaks (GPUS below): a lower bound on every time, so a
+ratio of two such times (a draft level vs a target step) is what it is good for.
+`--draft-vocab V` gives the head's lm_head V rows (a reduced draft vocabulary).
 Not modelled: tensor parallelism (70B is timed as if it fit one GPU; per-layer
 time divides roughly by the TP degree, communication excluded), sampling,
 tree bookkeeping and scheduler overhead; all of them lower the real speedup.
@@ -35,6 +39,9 @@ SHAPES = {
     "llama3-8b": dict(hidden=4096, inter=14336, heads=32, kv_heads=8, layers=32, vocab=128256),
     "llama3-70b": dict(hidden=8192, inter=28672, heads=64, kv_heads=8, layers=80, vocab=128256),
 }
+# Datasheet peaks (NVIDIA H100 SXM5 / H200 SXM product pages: HBM3 3.35 TB/s, HBM3e 4.8 TB/s,
+# dense BF16 989 TFLOPS); a roofline step time is max(bytes / bandwidth, flops / peak).
+GPUS = {"h100": dict(bandwidth=3.35e12, flops=989e12), "h200": dict(bandwidth=4.8e12, flops=989e12)}
 SMOKE_SHAPES = {"tiny": dict(hidden=256, inter=512, heads=4, kv_heads=2, layers=4, vocab=1024)}
 # HASS paper, Table 2 (MT-bench, T=0, EAGLE-2 tree of depth 6 / 60 tokens).
 PAPER = {"llama3-8b": {"speedup": 3.09, "tau": 5.08}}
@@ -54,7 +61,39 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: exercises the code, predicts nothing")
     p.add_argument("--out", dest="sm_out", help="write speedup_model.json/.md here")
+    p.add_argument("--roofline", choices=sorted(GPUS), help="no GPU: predict step times from bytes and FLOPs "
+                   "at this GPU's datasheet peaks (a lower bound; ratios are what it is for)")
+    p.add_argument("--draft-vocab", dest="sm_draft_vocab", default="0",
+                   help="comma-separated draft vocabulary sizes for the head's lm_head (0 = the target's)")
     return p
+
+
+def layer_params(shape: dict) -> int:
+    H, I, nh, nkv = shape["hidden"], shape["inter"], shape["heads"], shape["kv_heads"]
+    d = H // nh
+    return H * (nh + 2 * nkv) * d + H * H + 3 * H * I
+
+
+def roofline(shape: dict, gpu: dict, b: int, N: int, context: int, layers: int, lm_rows: int,
+             extra_params: int = 0, bytes_per=2) -> float:
+    """Seconds for `layers` decoder layers (+ extra_params, + an lm_head of lm_rows) on b
+    sequences x N new tokens over `context` cached tokens: weights and KV read once."""
+    H, nkv, d = shape["hidden"], shape["kv_heads"], shape["hidden"] // shape["heads"]
+    params = layers * layer_params(shape) + extra_params + lm_rows * H
+    kv_bytes = layers * b * 2 * nkv * d * (context + N) * bytes_per
+    flops = 2 * params * b * N + layers * 4 * b * N * (context + N) * H
+    return max((params * bytes_per + kv_bytes) / gpu["bandwidth"], flops / gpu["flops"])
+
+
+def roofline_model(shape: dict, gpu: dict, batch_sizes, tokens, tree, context, draft_vocab: int):
+    """verify[(b, N)], draft[(b, m)] as time_model returns them, from the roofline."""
+    V, H = shape["vocab"], shape["hidden"]
+    depth, top_k, _ = tree
+    verify = {(b, N): roofline(shape, gpu, b, N, context, shape["layers"], V)
+              for b in batch_sizes for N in tokens}
+    draft = {(b, m): roofline(shape, gpu, b, m, context, 1, draft_vocab or V, extra_params=2 * H * H)
+             for b in batch_sizes for m in sorted({top_k, *range(1, depth + 2)})}
+    return verify, draft
 
 
 def tau_from_results(path: str) -> float:
@@ -89,7 +128,6 @@ class Layers:
 
     def forward(self, x, kv_cache, mask):
         """x [b, N, H]; kv_cache: per layer (k, v) [b, nkv, C+N, d] (the new slots included)."""
-        import torch
         import torch.nn.functional as F
 
         b, N, H = x.shape
@@ -140,7 +178,8 @@ def timer(fn, device, iters: int) -> float:
     return statistics.median(times)
 
 
-def time_model(shape: dict, batch_sizes, tokens, tree, context, layers_timed, iters, device, dtype):
+def time_model(shape: dict, batch_sizes, tokens, tree, context, layers_timed, iters, device, dtype,
+               draft_vocab: int = 0):
     """Seconds per verify(b, N) for the whole target, and per draft(b, n) for the head."""
     import torch
 
@@ -149,6 +188,7 @@ def time_model(shape: dict, batch_sizes, tokens, tree, context, layers_timed, it
     head = Layers(shape, 1, device, dtype)
     H, V = shape["hidden"], shape["vocab"]
     lm_head = torch.randn(V, H, device=device, dtype=dtype) * 0.02
+    draft_lm_head = lm_head[: draft_vocab or V]  # a reduced draft vocabulary: its rows only
     fc = torch.randn(H, 2 * H, device=device, dtype=dtype) * 0.02
     depth, top_k, _ = tree
 
@@ -171,12 +211,12 @@ def time_model(shape: dict, batch_sizes, tokens, tree, context, layers_timed, it
                 t_layers = timer(lambda: layers.forward(x, kv, mask), device, iters)
                 t_lm = timer(lambda: x @ lm_head.t(), device, iters)
                 verify[(b, N)] = t_layers * shape["layers"] / n + t_lm
-                del kv
+                kv = None  # free the cache before the next size
             for m in sorted({top_k, *range(1, depth + 2)}):
                 e = torch.randn(b, m, 2 * H, device=device, dtype=dtype)
                 kv, mask = cache(b, m, 1), tree_like_mask(m)
-                draft[(b, m)] = timer(lambda: head.forward(e @ fc.t(), kv, mask) @ lm_head.t(), device, iters)
-                del kv
+                draft[(b, m)] = timer(lambda: head.forward(e @ fc.t(), kv, mask) @ draft_lm_head.t(), device, iters)
+                kv = None  # free the cache before the next size
     return verify, draft
 
 
@@ -195,6 +235,9 @@ def run(args) -> int:
 
     if args.smoke:
         device, dtype, shapes = torch.device("cpu"), torch.float32, SMOKE_SHAPES
+    elif args.roofline:
+        device, dtype = None, None
+        shapes = {m: SHAPES[m] for m in args.models.split(",") if m in SHAPES}
     else:
         if not torch.cuda.is_available():
             raise UserError("speedup-model needs a CUDA GPU (torch sees none); pass --smoke for a tiny CPU run "
@@ -222,26 +265,37 @@ def run(args) -> int:
         tau, tau_src = PAPER_TAU, "paper (HASS, L3-8B, MT-bench)"
     if not 1 <= tau <= tree[0] + 1:
         raise UserError(f"--tau {tau}: expected 1..{tree[0] + 1} for a tree of depth {tree[0]}")
-    gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke: tiny shapes)"
+    vocabs = int_list(args.sm_draft_vocab, "--draft-vocab", minimum=0)
+    if args.roofline:
+        gpu = f"roofline of {args.roofline} datasheet peaks (no GPU run)"
+    else:
+        gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (smoke: tiny shapes)"
     rows = []
     for name, shape in shapes.items():
-        verify, draft = time_model(shape, batch_sizes, tokens, tree, args.context, args.layers_timed,
-                                   args.iters, device, dtype)
-        for b in batch_sizes:
-            p = predict(verify, draft, b, tau, tree)
-            rows.append({"model": name, "batch_size": b, "tau": tau,
-                         "verify_ms": {N: verify[(b, N)] * 1e3 for N in tokens},
-                         "draft_ms": p["draft_s"] * 1e3, "cycle_ms": p["cycle_s"] * 1e3,
-                         "speedup": p["speedup"], "paper": PAPER.get(name) if b == 1 else None})
+        for dv in vocabs:
+            if args.roofline:
+                verify, draft = roofline_model(shape, GPUS[args.roofline], batch_sizes, tokens, tree,
+                                               args.context, dv)
+            else:
+                verify, draft = time_model(shape, batch_sizes, tokens, tree, args.context, args.layers_timed,
+                                           args.iters, device, dtype, draft_vocab=dv)
+            for b in batch_sizes:
+                p = predict(verify, draft, b, tau, tree)
+                rows.append({"model": name, "batch_size": b, "tau": tau, "draft_vocab": dv or shape["vocab"],
+                             "draft_level_over_step": draft[(b, 1)] / verify[(b, 1)],
+                             "verify_ms": {N: verify[(b, N)] * 1e3 for N in tokens},
+                             "draft_ms": p["draft_s"] * 1e3, "cycle_ms": p["cycle_s"] * 1e3,
+                             "speedup": p["speedup"], "paper": PAPER.get(name) if b == 1 else None})
     md = [f"### speedup model · {gpu} · tree {tree} · context {args.context} · τ {tau:.2f} from {tau_src}", "",
-          "| model | B | " + " | ".join(f"verify N={N} ms" for N in tokens)
-          + " | draft ms | cycle ms | predicted speedup | paper (T=0) |",
-          "|---|---:|" + "---:|" * (len(tokens) + 4)]
+          "| model | B | draft vocab | " + " | ".join(f"verify N={N} ms" for N in tokens)
+          + " | draft level / step | draft ms | cycle ms | predicted speedup | paper (T=0) |",
+          "|---|---:|---:|" + "---:|" * (len(tokens) + 5)]
     for r in rows:
         paper = f"{r['paper']['speedup']:.2f}× (τ {r['paper']['tau']:.2f})" if r["paper"] else "—"
-        md.append(f"| {r['model']} | {r['batch_size']} | "
-                  + " | ".join(f"{v:.2f}" for v in r["verify_ms"].values())
-                  + f" | {r['draft_ms']:.2f} | {r['cycle_ms']:.2f} | {r['speedup']:.2f}× | {paper} |")
+        md.append(f"| {r['model']} | {r['batch_size']} | {r['draft_vocab']} | "
+                  + " | ".join(f"{v:.3f}" for v in r["verify_ms"].values())
+                  + f" | {r['draft_level_over_step']:.3f} | {r['draft_ms']:.3f} | {r['cycle_ms']:.3f} | "
+                    f"{r['speedup']:.2f}× | {paper} |")
     text = "\n".join(md) + "\n"
     print(text)
     if args.sm_out:

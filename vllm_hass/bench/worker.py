@@ -111,6 +111,7 @@ def run_oracle(job: dict) -> dict:
             job["target"], job["head"], job["prompts"], job["max_tokens"],
             tree=shape.get("tree"), k=shape.get("k"),
             dtype=getattr(torch, job["dtype"]), device=job["device"], progress=tick,
+            draft_vocab_size=shape.get("draft_vocab_size", 0),
         )
         out.append({"name": shape["name"], **{k: v for k, v in shape.items() if k != "name"}, **r.to_dict()})
     return {"oracle": out}

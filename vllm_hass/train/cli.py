@@ -83,6 +83,13 @@ def add_parser(subparsers) -> None:
     t.add_argument("--resume", action="store_true")
     t.add_argument("--init", help="start from this trained head (plugin or repo layout), "
                    "e.g. HASS on top of an EAGLE head")
+    t.add_argument("--draft-vocab", type=int, default=0, metavar="V",
+                   help="train over a draft vocabulary of V tokens (built from --data's assistant "
+                   "tokens, specials kept; or a prefix of --draft-vocab-from's), saved with the "
+                   "head; 0 = the full vocabulary (default)")
+    t.add_argument("--draft-vocab-from", metavar="HEAD",
+                   help="take the draft vocabulary stored in HEAD (`vllm-hass vocab`); with "
+                   "--draft-vocab V its first V tokens")
     t.add_argument("--force", action="store_true", help="replace an existing --out")
     t.add_argument("--log-every", type=int, default=20)
     t.add_argument("--save-every", type=int, default=200, help="save the state every N steps")
@@ -159,7 +166,8 @@ def run(args) -> int:
             seed=args.seed, fc_bias=args.fc_bias, dtype=args.dtype,
             lm_head_dtype=args.lm_head_dtype, device=args.device, repo_out=args.repo_out,
             state=args.state, resume=args.resume, force=args.force, log_every=args.log_every,
-            save_every=args.save_every, limit=args.limit, init=args.init)
+            save_every=args.save_every, limit=args.limit, init=args.init,
+            draft_vocab=args.draft_vocab, draft_vocab_from=args.draft_vocab_from)
         return 0
     if cmd == "eval":
         from .fit import evaluate_heads

@@ -264,6 +264,15 @@ class Samples:
 
         return load_file(str(self.files[i]))
 
+    def tokens(self, i: int, with_prompts: bool = False) -> torch.Tensor:
+        """Token ids [n] of sample i the draft is asked to guess (its assistant tokens),
+        or all of them; reads only input_ids and loss_mask, not the features."""
+        from safetensors import safe_open
+
+        with safe_open(str(self.files[i]), "pt") as fh:
+            ids = fh.get_tensor("input_ids").long()
+            return ids if with_prompts else ids[fh.get_tensor("loss_mask").bool()]
+
 
 def batches(lengths: list[int], max_tokens: int, seed: int, window: int = 64) -> list[list[int]]:
     """Shuffled batches of at most `max_tokens` padded tokens. Within windows of the

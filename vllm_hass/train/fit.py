@@ -7,6 +7,9 @@ Per batch, for steps j = 1..n (n = 1 is EAGLE):
 then one AdamW step. Position i of the head consumes (target feature f_i, token
 t_{i+1}) at position id i and is scored against f_{i+1} and the target's
 distribution q_{i+1} over t_{i+2}, where t_{i+2} is an assistant token.
+With a draft vocabulary (--draft-vocab, draft_vocab.py) the head's logits are the
+vocabulary's rows of the lm_head (sliced once per run) and CE/Top-K are taken over
+the vocabulary (losses.py: how the target's mass outside it counts).
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ from vllm_hass.errors import UserError
 from vllm_hass.head import HassHead, HeadConfig
 
 from .data import DTYPES, Samples, batches, collate
+from .draft_vocab import DraftVocab, resolve
 from .hca import next_hidden, step_forward
-from .losses import feature_loss, soft_ce, topk_loss
+from .losses import feature_loss, in_vocab, soft_ce, to_draft, topk_loss
 
 
 @dataclasses.dataclass
@@ -79,9 +83,12 @@ def uniform_noise(h: torch.Tensor, lengths: torch.Tensor, std: float,
 
 
 def batch_forward(head: HassHead, batch: dict, embed: torch.Tensor, lm_head: torch.Tensor,
-                  r: Recipe, topk_w: float, gen: torch.Generator | None, train: bool) -> dict:
+                  r: Recipe, topk_w: float, gen: torch.Generator | None, train: bool,
+                  vocab: DraftVocab | None = None, lm_draft: torch.Tensor | None = None) -> dict:
     """Runs the n steps on one batch; with train=True also accumulates gradients.
-    Returns per-step losses and top-1 agreement with the target (masked means)."""
+    Returns per-step losses and top-1 agreement with the target (masked means).
+    vocab/lm_draft: the draft vocabulary and its lm_head rows [Vd, H] (lm_head[vocab.ids]);
+    lm_head [V, H] still gives the target's q over the full vocabulary."""
     ids, f = batch["input_ids"], batch["hidden"]
     B, T = ids.shape
     L, dev = T - 1, f.device
@@ -92,17 +99,23 @@ def batch_forward(head: HassHead, batch: dict, embed: torch.Tensor, lm_head: tor
     target = f[:, 1:]
     with torch.no_grad():
         # the target's own next-token distribution (its features are post-norm)
-        q = (target.to(lm_head.dtype) @ lm_head.t()).float().softmax(-1)
+        q = (target.to(lm_head.dtype) @ lm_head.t()).float().softmax(-1)  # [B, L, V]
     q_top1 = batch["topk_ids"][:, 1:, 0]  # the target's greedy token, from its float32 logits
     mask = torch.cat((batch["loss_mask"][:, 2:], torch.zeros(B, 1, device=dev)), dim=1)
     tk_ids, tk_p = batch["topk_ids"][:, 1:, :r.topk], batch["topk_p"][:, 1:, :r.topk]
+    if vocab is not None:  # everything in draft ids; outside tokens carry no probability
+        q = in_vocab(q, vocab.ids)  # [B, L, Vd], sums to the in-vocabulary mass
+        tk_ids, tk_p = to_draft(tk_ids, tk_p, vocab.index)
+        q_top1 = vocab.index[q_top1]  # -1: the target's greedy token is outside
+    else:
+        lm_draft = lm_head
     pos = torch.arange(L, device=dev)[None].expand(B, L)
     hiddens, stats = [h1], {"loss": 0.0, "steps": []}
     for j in range(1, r.steps + 1):
         out = step_forward(head, embeds, hiddens, pos)
         m = mask.clone()
         m[:, :j - 1] = 0  # positions whose context end would be before the sequence
-        logp = logits(head, out, lm_head).log_softmax(-1)
+        logp = logits(head, out, lm_draft).log_softmax(-1)  # [B, L, V or Vd]
         vloss, ploss = feature_loss(out, target, m), soft_ce(logp, q, m)
         tloss = topk_loss(logp, tk_ids, tk_p, m) if topk_w > 0 else torch.zeros((), device=dev)
         loss = r.v_w * vloss + r.p_w * ploss + topk_w * tloss
@@ -111,7 +124,8 @@ def batch_forward(head: HassHead, batch: dict, embed: torch.Tensor, lm_head: tor
         with torch.no_grad():
             n = m.sum().item()
             # amax, not argmax: 7x faster over a 49k vocabulary on CPU
-            top1 = logp.gather(-1, q_top1[..., None])[..., 0] == logp.amax(-1)
+            top1 = (logp.gather(-1, q_top1.clamp_min(0)[..., None])[..., 0] == logp.amax(-1)) \
+                & (q_top1 >= 0)
             hit = (top1.float() * m).sum().item()
         stats["steps"].append({"v": vloss.item(), "p": ploss.item(), "topk": tloss.item(),
                                "hit": hit, "n": n})
@@ -122,11 +136,13 @@ def batch_forward(head: HassHead, batch: dict, embed: torch.Tensor, lm_head: tor
 
 @torch.no_grad()
 def evaluate(head: HassHead, samples: Samples, idx: list[int], embed, lm_head,
-             steps: int = 5, max_len: int | None = None) -> dict:
+             steps: int = 5, max_len: int | None = None,
+             draft_ids: torch.Tensor | None = None) -> dict:
     """Decode-exact per-step top-1 agreement with the target on held-out samples, and
     the chain acceptance it implies: for every context end c inside a reply, how many
     of the draft's next `steps` greedy tokens match the target's (teacher-forced on the
-    data's tokens, which equal the target's own when the data is self-distilled)."""
+    data's tokens, which equal the target's own when the data is self-distilled).
+    With draft_ids [Vd], lm_head holds those rows only and drafts map back through them."""
     head.eval()
     hit = torch.zeros(steps)
     n = 0
@@ -143,7 +159,9 @@ def evaluate(head: HassHead, samples: Samples, idx: list[int], embed, lm_head,
         hiddens, ok = [f[:, :-1]], []
         for j in range(1, steps + 1):
             out = step_forward(head, embeds, hiddens, pos)
-            ok.append((logits(head, out, lm_head).argmax(-1) == q_top1)[0].cpu() & mask)
+            draft = logits(head, out, lm_head).argmax(-1)
+            draft = draft if draft_ids is None else draft_ids[draft]
+            ok.append((draft == q_top1)[0].cpu() & mask)
             hiddens.append(next_hidden(f[:, :-1], out))
         # context ends c with all `steps` drafted positions inside a reply
         cs = [c for c in range(L - steps + 1) if bool(mask[c:c + steps].all())]
@@ -204,8 +222,10 @@ def fit(*, target: str, data: str, out: str, method: str = "hass", recipe: Recip
         lm_head_dtype: str = "bfloat16", device: str = "cpu",
         repo_out: str | None = None, state: str | None = None, resume: bool = False,
         force: bool = False, log_every: int = 20, save_every: int = 200,
-        limit: int | None = None, init: str | None = None) -> dict:
+        limit: int | None = None, init: str | None = None, draft_vocab: int = 0,
+        draft_vocab_from: str | None = None) -> dict:
     from vllm_hass.converters.convert import target_config
+    from vllm_hass.vocab import write_vocab
 
     r = recipe or Recipe(**METHODS[method])
     tdir, out_p = Path(target).absolute(), Path(out)
@@ -238,6 +258,11 @@ def fit(*, target: str, data: str, out: str, method: str = "hass", recipe: Recip
             for e in range(epochs)]
     total = sum(len(p) for p in plan)
     warm = max(1, int(warmup * total))
+    vocab = resolve(draft_vocab, draft_vocab_from, samples, train_idx, eval_idx, tdir,
+                    cfg.vocab_size)
+    # the draft's logits use these rows only: sliced once here, not per step
+    lm_draft = lm_head if vocab is None else lm_head[vocab.ids.to(device)].contiguous()  # [Vd, H]
+    vocab_d = None if vocab is None else vocab.to(device)
 
     torch.manual_seed(seed)
     head = HassHead(cfg).float().to(device)
@@ -245,7 +270,7 @@ def fit(*, target: str, data: str, out: str, method: str = "hass", recipe: Recip
         # Continue from a trained head (HASS trains on top of an EAGLE head); fresh optimizer.
         start = load_init(init)
         have, want = dataclasses.asdict(start.config), dataclasses.asdict(cfg)
-        diff = sorted(k for k in want if have.get(k) != want[k])
+        diff = sorted(k for k in want if have.get(k) != want[k] and k != "draft_vocab_size")
         if diff:
             raise UserError(f"--init {init}: head config differs from this run's in {diff} "
                             "(expected a head trained for the same target, same --no-fc-bias)")
@@ -256,7 +281,15 @@ def fit(*, target: str, data: str, out: str, method: str = "hass", recipe: Recip
     gen = torch.Generator().manual_seed(seed)
     epoch, pos_in_epoch, step, trained_tokens, spent = 0, 0, 0, 0, 0.0
     if resume:
-        st = torch.load(state_p, map_location="cpu", weights_only=False)
+        from vllm_hass.converters.layout import load_plain_pickle
+
+        # weights_only: a state file is a pickle; plain tensors/containers only, never code
+        st = load_plain_pickle(state_p, "training state")
+        was = st.get("draft_ids")
+        if (was is None) != (vocab is None) or (was is not None and not torch.equal(was, vocab.ids)):
+            raise UserError(f"--resume: {state_p} was trained with "
+                            f"{'no' if was is None else f'a {was.numel()}-token'} draft vocabulary; "
+                            "pass the same --draft-vocab/--draft-vocab-from")
         head.load_state_dict(st["head"])
         opt.load_state_dict(st["opt"])
         sched.load_state_dict(st["sched"])
@@ -271,7 +304,8 @@ def fit(*, target: str, data: str, out: str, method: str = "hass", recipe: Recip
                 "init": str(Path(init).absolute()) if init else None,
                 "data": str(Path(data).absolute()), "target": str(tdir),
                 "train_samples": len(train_idx), "eval_samples": n_eval,
-                "train_tokens_per_epoch": sum(lengths), "steps": total}
+                "train_tokens_per_epoch": sum(lengths), "steps": total,
+                "draft_vocab": None if vocab is None else {"size": vocab.ids.numel(), **vocab.meta}}
     print(json.dumps(settings), flush=True)
 
     def save_state():
@@ -279,7 +313,7 @@ def fit(*, target: str, data: str, out: str, method: str = "hass", recipe: Recip
         torch.save({"head": head.state_dict(), "opt": opt.state_dict(),
                     "sched": sched.state_dict(), "gen": gen.get_state(), "epoch": epoch,
                     "pos": pos_in_epoch, "step": step, "tokens": trained_tokens,
-                    "seconds": spent}, tmp)
+                    "seconds": spent, "draft_ids": None if vocab is None else vocab.ids}, tmp)
         tmp.rename(state_p)
 
     def save_heads(metrics):
@@ -287,6 +321,8 @@ def fit(*, target: str, data: str, out: str, method: str = "hass", recipe: Recip
                 "eval": metrics}
         save_plugin(out_p, head, tcfg, "eagle" if r.steps == 1 and r.topk_w == 0 else "hass",
                     dtype, info)
+        if vocab is not None:
+            write_vocab(out_p, vocab.ids.numpy(), cfg.vocab_size, vocab.meta)
         if repo_out:
             save_repo_layout(Path(repo_out), head, embed, tcfg)
 
@@ -302,7 +338,8 @@ def fit(*, target: str, data: str, out: str, method: str = "hass", recipe: Recip
             batch = collate([samples[i] for i in plan[epoch][bi]], max_len)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             opt.zero_grad(set_to_none=True)
-            st = batch_forward(head, batch, embed, lm_head, r, topk_w, gen, train=True)
+            st = batch_forward(head, batch, embed, lm_head, r, topk_w, gen, train=True,
+                               vocab=vocab_d, lm_draft=lm_draft)
             torch.nn.utils.clip_grad_value_(head.parameters(), 0.5)  # EAGLE's clip
             opt.step()
             sched.step()
@@ -328,7 +365,8 @@ def fit(*, target: str, data: str, out: str, method: str = "hass", recipe: Recip
         if epoch_loss:
             history.append(sum(epoch_loss) / len(epoch_loss))
         if eval_idx:
-            metrics = evaluate(head, samples, eval_idx, embed, lm_head, eval_steps, max_len)
+            metrics = evaluate(head, samples, eval_idx, embed, lm_draft, eval_steps, max_len,
+                               None if vocab_d is None else vocab_d.ids)
             print(f"eval after epoch {epoch}: {json.dumps(metrics)}", flush=True)
         save_state()
         save_heads(metrics)
@@ -365,9 +403,16 @@ def load_init(path: str) -> HassHead:
 def evaluate_heads(target: str, data: str, heads: list[str], n: int = 32, steps: int = 5,
                    max_len: int | None = None, lm_head_dtype: str = "bfloat16",
                    device: str = "cpu") -> dict[str, dict]:
+    from vllm_hass.vocab import read_vocab
+
     samples = Samples(data)
     embed, lm_head = load_shared(Path(target))
     embed, lm_head = embed.to(device), lm_head.to(device, DTYPES[lm_head_dtype])
     idx = list(range(max(0, len(samples) - n), len(samples)))
-    return {h: evaluate(load_head(h).to(device), samples, idx, embed, lm_head, steps, max_len)
-            for h in heads}
+    out = {}
+    for h in heads:  # a head with a draft vocabulary is evaluated as it is served: over it
+        ids, _ = read_vocab(h) if (Path(h) / "config.json").exists() else (None, None)
+        ids = None if ids is None else ids.to(device)
+        rows = lm_head if ids is None else lm_head[ids]
+        out[h] = evaluate(load_head(h).to(device), samples, idx, embed, rows, steps, max_len, ids)
+    return out

@@ -5,6 +5,21 @@ HASS adds Top-K distillation (harmonized objective distillation):
         -sum_{x in topK(q)} q(x) log p(x)
 which spends the draft's capacity on the tokens the target is likely to accept.
 q is the target's next-token distribution, p the draft's.
+
+With a draft vocabulary D (train fit --draft-vocab), p is a softmax over D only
+(the head's logits are the D rows of the lm_head) and q keeps its full-vocabulary
+normalisation. The target's mass outside D is handled by renormalising q over D
+and weighting each position by its in-vocabulary mass m = q(D):
+    m * CE(q|D / m, p)  =  -sum_{x in D} q(x) log p(x)
+    TopK:                  -sum_{x in topK(q), x in D} q(x) log p(x)
+i.e. the same sums with the outside tokens left out (`in_vocab`, `to_draft`), so
+soft_ce and topk_loss serve unchanged. Why this and not EAGLE-3's hard mask
+(skip positions whose target argmax is outside D): over D the CE is minimised at
+p = q|D / m (the target conditioned on D), and a draft limited to D is accepted
+with probability at most sum_{x in D} min(p, q) <= m, so m is exactly what a
+position can still earn; the hard mask is the 0/1 version of that weight, and
+throws away positions where the argmax is outside but most of the mass is inside
+(T > 0, tree siblings). Positions with m ~ 0 contribute ~0 and need no mask.
 """
 
 from __future__ import annotations
@@ -37,3 +52,17 @@ def topk_loss(logp: torch.Tensor, ids: torch.Tensor, q: torch.Tensor,
 def top_k(q: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     p, i = q.topk(k, dim=-1)
     return i, p
+
+
+def in_vocab(q: torch.Tensor, draft_ids: torch.Tensor) -> torch.Tensor:
+    """q [..., V] -> [..., Vd]: the target's probabilities of the draft tokens, NOT
+    renormalised (their sum is the in-vocabulary mass m; see the module doc)."""
+    return q[..., draft_ids]
+
+
+def to_draft(ids: torch.Tensor, p: torch.Tensor, index: torch.Tensor):
+    """Target ids [..., K] and their probabilities -> (draft ids [..., K], probabilities
+    with every token outside the vocabulary set to 0, so it drops out of topk_loss).
+    index [V]: the draft id of each target id, -1 outside."""
+    d = index[ids]
+    return d.clamp_min(0), p * (d >= 0)

@@ -111,3 +111,13 @@ def test_rounds_alternate_and_take_the_median(results):
     for r in res["runs"]:
         times = r["elapsed_rounds"]
         assert len(times) == 2 and r["elapsed_s"] == sum(times) / 2
+
+
+def test_auto_reports_the_shapes_it_chose(results):
+    """hass-auto is a configuration like the others, lossless at T = 0, and its row names the
+    shapes the chooser used (from the runner's VLLM_HASS_AUTO_STATS file)."""
+    out, res = results
+    auto = [r for r in res["runs"] if r["config"] == "hass-auto"]
+    assert auto and all("auto shapes: " in r["notes"] for r in auto)
+    assert all(r["match_nospec"] == 1.0 for r in auto if r["temperature"] == 0)
+    assert (out / "jobs" / "hass-auto.r1.auto.json").exists()

@@ -80,9 +80,7 @@ def test_load_tree_lossless_under_preemption_and_disconnects(report):
 def test_plugin_params_cache_empty_after_load(report):
     """Once vLLM's runner drops a request (finished or aborted), the plugin holds nothing
     of it: needs HassRunnerMixin._on_request_state_removed to prune the tree-eligibility
-    cache and the draft store's index (skipped until the runner has it)."""
+    cache and the draft store's index."""
     st = report["runs"][0]["plugin_state"]
-    if not st["prunes_params"]:
-        pytest.skip("runner does not prune its per-request state yet "
-                    "(HassRunnerMixin._on_request_state_removed)")
+    assert st["prunes_params"], st
     assert st["params_ok_stale"] == 0 and st["store_stale"] == 0, st

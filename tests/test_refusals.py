@@ -303,3 +303,18 @@ def test_model_runner_v2_refused(monkeypatch):
         "plugin's step (trees would be dropped): unset it")
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "0")
     _refuse_v2_runner()
+
+
+@pytest.mark.engine
+def test_tree_larger_than_max_model_len_refused(bigram_target, identity_head):
+    """A tree that needs more draft slots than max_model_len leaves would start an engine
+    that never drafts: refused at start-up in one line."""
+    from vllm import LLM
+
+    spec = {"method": "hass", "model": str(identity_head),
+            "tree": {"depth": 6, "top_k": 10, "total_tokens": 60}}
+    with pytest.raises(UserError) as e:
+        LLM(model=str(bigram_target), speculative_config=spec, max_model_len=48, enforce_eager=True,
+            dtype="float32")
+    msg = str(e.value)
+    assert "\n" not in msg and "59 draft slots" in msg and "max_model_len 48" in msg

@@ -117,26 +117,33 @@ class Piecewise:
     """y(x) = scale * shape(x), for a cost that grows with x (tokens, rows, requests).
 
     shape: piecewise linear between fixed points, set from the start-up measurement
-    (`set_prior`, a back-to-back sweep) and corrected slowly by observations (LMS update of
-    the two neighbouring points toward y / scale, rate `alpha`). scale: an exponential
-    moving average (rate `scale_alpha`) of observed / shape(x): what the machine's
-    momentary speed does to every x alike (other processes' load, longer contexts). So the
-    ratio between two sizes, which decides between shapes, comes from measurements made
-    close together and moves slowly, while the absolute level follows the machine fast.
-    Predictions never fall with x (timing noise would otherwise make a larger step look
-    cheaper): the shape is read through its isotonic fit, each point weighted by 1 + its
-    observations. Repeated observations y at one x make the prediction at x converge to y."""
+    (`set_prior`, a back-to-back sweep). scale: an exponential moving average (rate
+    `scale_alpha`) of observed / shape(x): what the machine's momentary speed does to every
+    x alike (other processes' load, longer contexts). The shape is corrected only by
+    differences between sizes: each point keeps a moving average of its log residual
+    (observed / predicted, after the scale's update); the points observed within the last
+    WINDOW updates move by `alpha` of their residual minus the mean of those residuals. A
+    uniform slowdown moves the scale alone; one size observed alone cannot show a shape
+    error and changes none; two sizes observed in turn (the chooser's shape and a no-draft
+    step) correct their ratio. Predictions never fall with x (timing noise would
+    otherwise make a larger step look cheaper): the shape is read through its isotonic
+    fit, each point weighted by 1 + its observations."""
 
-    def __init__(self, points: list[int], alpha: float = 0.05, scale_alpha: float = 0.2,
+    WINDOW = 24  # updates: sizes observed this close together are compared
+
+    def __init__(self, points: list[int], alpha: float = 0.25, scale_alpha: float = 0.5,
                  link: "Piecewise | None" = None):
         self.x = [float(p) for p in points]
         self.y = [0.0] * len(points)  # the shape's points
         self.scale = 1.0
+        self.alpha, self.scale_alpha = alpha, scale_alpha
         # another cost whose scale multiplies this one's: a part observed rarely (the
         # draft's, while it does not run) follows the machine's speed through it
         self.link = link
-        self.alpha, self.scale_alpha = alpha, scale_alpha
-        self.seen = [0] * len(points)  # observations per point (weight > 0.5)
+        self.seen = [0] * len(points)  # observations per point
+        self.res = [0.0] * len(points)  # moving average of each point's log residual
+        self.when = [-10 ** 9] * len(points)  # update count at each point's last observation
+        self.updates = 0
         self._iso: np.ndarray | None = None  # isotonic fit of y (cached)
 
     def _weights(self, x: float) -> tuple[int, float]:
@@ -179,29 +186,36 @@ class Piecewise:
         return self.factor * np.where(x > 0, y, 0.0)
 
     def update(self, x: float, y: float) -> None:
-        if x <= 0 or not math.isfinite(y) or y < 0:
+        if x <= 0 or not math.isfinite(y) or y <= 0:
             return
+        self.updates += 1
+        i, w = self._weights(x)
+        j = i if w < 0.5 or len(self.x) == 1 else i + 1  # the point the observation is at
+        self.seen[j] += 1
         link = self.link.scale if self.link is not None else 1.0
         base = self.shape(x) * link
-        if base > 0:
-            self.scale += self.scale_alpha * (y / base - self.scale)
-        y = y / (self.scale * link) * min(self.x[-1] / x, 1.0)  # onto the shape (and the last point)
-        self._iso = None
-        i, w = self._weights(x)
-        if len(self.x) == 1:
-            self.y[0] += self.alpha * (y - self.y[0])
-            self.seen[0] += 1
+        if base <= 0:  # no prior yet: the observation becomes the point
+            self.y[j], self._iso = y / (self.scale * link) * min(self.x[-1] / x, 1.0), None
             return
-        err = y - ((1 - w) * self.y[i] + w * self.y[i + 1])
-        norm = (1 - w) ** 2 + w ** 2
-        self.y[i] += self.alpha * (1 - w) * err / norm
-        self.y[i + 1] += self.alpha * w * err / norm
-        self.seen[i if w < 0.5 else i + 1] += 1
+        self.scale += self.scale_alpha * (y / base - self.scale)
+        r = math.log(y / (base * self.scale))
+        self.res[j] += 0.5 * (r - self.res[j])
+        self.when[j] = self.updates
+        recent = [k for k in range(len(self.x)) if self.updates - self.when[k] < self.WINDOW]
+        if len(recent) < 2:
+            return
+        mean = sum(self.res[k] for k in recent) / len(recent)
+        for k in recent:
+            step = self.alpha * (self.res[k] - mean)
+            self.y[k] *= math.exp(step)
+            self.res[k] -= step
+        self._iso = None
 
     def set_prior(self, xs: list[float], ys: list[float]) -> None:
         """The shape from measurements ys at xs (ascending): linear between them,
         proportional below the first, along the last segment's slope beyond the last."""
         self._iso, self.scale, self.seen = None, 1.0, [0] * len(self.x)
+        self.res, self.when = [0.0] * len(self.x), [-10 ** 9] * len(self.x)
         slope = max((ys[-1] - ys[-2]) / (xs[-1] - xs[-2]), 0.0) if len(xs) > 1 else ys[-1] / xs[-1]
         for j, p in enumerate(self.x):
             if p <= xs[0]:
@@ -502,6 +516,11 @@ class Chooser:
         explore = self.head_on and self._explore_due(B, Be, T_base, rates[at[self.current]])
         if explore:
             groups = [self.bound, self.current]
+        elif self.current != NONE and self.step % self.EXPLORE_MIN == 0 \
+                and rates[at[self.current]] < rates[at[NONE]] * self.JUMP:
+            # only marginally better than no drafts: a step without them now and then
+            # observes both step sizes at the same moment (Piecewise learns their ratio)
+            groups = []
         return Plan(self.current, groups, self.head_on, explore)
 
     def _count(self, shape: Shape) -> None:

@@ -276,6 +276,14 @@ class HassRunnerMixin(AutoRunnerMixin):
                 cache[r] = tree_eligible(self.requests[r].sampling_params)
         return np.fromiter((cache[r] for r in req_ids), dtype=bool, count=len(req_ids))
 
+    def _on_request_state_removed(self, req_id, req_state):
+        """vLLM dropped a finished or aborted request (0.32/0.33 call this for each; not
+        for a preempted one, which keeps its state): so does the plugin."""
+        super()._on_request_state_removed(req_id, req_state)
+        if self._hass_tree is not None:
+            self._hass_params_ok.pop(req_id, None)
+            self._hass_store.index.pop(req_id, None)
+
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata,
                                 hidden_states, sample_hidden_states, aux_hidden_states,
                                 spec_decode_metadata, common_attn_metadata, slot_mappings):

@@ -291,6 +291,12 @@ def _patch_engine_args() -> None:
         _refuse_v2_runner()
         check_parallel(spec, target_parallel_config.tensor_parallel_size)
         check_against_target(spec, target_model_config.hf_config)
+        max_len = getattr(target_model_config, "max_model_len", None)
+        if max_len is not None and spec.num_speculative_tokens + 1 >= max_len:
+            # vLLM would start and then never draft (every request is too close to the end)
+            raise UserError(f"{spec.source}: the tree needs {spec.num_speculative_tokens} draft "
+                            f"slots per request, more than max_model_len {max_len} leaves; "
+                            "use a smaller tree or a larger --max-model-len")
         if spec.tree is not None:
             _synchronous_scheduling(self)
             _tree_friendly_cudagraphs(self)

@@ -19,7 +19,7 @@ from pathlib import Path
 from vllm_hass.bench.flags import float_list, int_list, int_list_arg
 from vllm_hass.errors import UserError
 
-CONFIGS = ("nospec", "eagle", "hass-chain", "hass-tree", "oracle")
+CONFIGS = ("nospec", "eagle", "hass-chain", "hass-tree", "hass-auto", "oracle")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 

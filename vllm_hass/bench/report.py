@@ -58,6 +58,10 @@ def assemble(meta: dict, configs, engine_results: dict, oracle_results: list[dic
                 # vLLM's vector is num_speculative_tokens long; a tree accepts at most depth.
                 per_pos = per_pos[: c.speculative_config["tree"]["depth"]]
             notes = list(c.notes)
+            auto = engine_results.get(c.name, {}).get("auto")
+            if auto:  # what "tree": "auto" chose, over the whole run (all batch sizes)
+                steps = sorted(auto.get("shape_steps", {}).items(), key=lambda kv: -kv[1])
+                notes.append("auto shapes: " + ", ".join(f"{k} ×{n}" for k, n in steps[:4]))
             if spec and r["drafts"] and abs(r["accepted"] / r["drafts"] - sum(per_pos)) > 1e-6:
                 # Both are "accepted per step"; a plugin that counts them differently is misreporting.
                 notes.append(f"counters disagree: accepted/drafts {r['accepted'] / r['drafts']:.2f} "

@@ -92,6 +92,8 @@ def plan(settings: dict, spec, out: Path) -> tuple[list[Config], list[dict]]:
             skip = no_plugin or (None if tree else "no tree: give the spec a 'tree' or pass --tree")
             configs.append(Config(f"hass-tree{sfx}", {**hass, "tree": tree} if tree else None,
                                   tree_shape + sfx if tree else None, skip=skip))
+        if "hass-auto" in wanted:  # the plugin picks each step's shape (its choices: report)
+            configs.append(Config(f"hass-auto{sfx}", {**hass, "tree": "auto"}, None, skip=no_plugin))
         if "oracle" in wanted:
             shapes.append({"name": chain_shape + sfx, "k": k, "draft_vocab_size": v})
             if tree:
@@ -223,7 +225,9 @@ class Bench:
         margin = 8
         for c in configs:
             sc = c.speculative_config or {}
-            tree = sc.get("tree") or {}
+            tree = sc.get("tree") if isinstance(sc.get("tree"), dict) else {}
+            if sc.get("tree") == "auto":  # sized by the default bounds (the largest tree)
+                margin = max(margin, 60 + 10 * 6 + 8)
             margin = max(margin, sc.get("num_speculative_tokens", 0) + 8, tree.get("total_tokens", 0)
                          + tree.get("top_k", 0) * tree.get("depth", 0) + 8)
         need = max(map(len, prompts)) + self.s["max_tokens"] + margin
@@ -274,6 +278,8 @@ class Bench:
                         "max_tokens": s["max_tokens"], "dtype": vllm_dtype, "enforce_eager": eager,
                         "max_model_len": max_len, "seed": s["seed"],
                     }
+                    if (c.speculative_config or {}).get("tree") == "auto":
+                        job["auto_stats"] = str((jobs_dir / f"{c.name}.r{rnd + 1}.auto.json").resolve())
                     name = c.name if rnd == 0 else f"{c.name}.r{rnd + 1}"
                     result, err = run_worker(job, name, jobs_dir, device, lambda: bar.update(1),
                                              s.get("resume", False))

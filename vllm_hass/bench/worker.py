@@ -49,7 +49,12 @@ def batches(prompts: list, batch_size: int) -> list[list]:
 
 
 def run_engine(job: dict) -> dict:
+    import os
+
     from vllm import LLM, SamplingParams
+
+    if job.get("auto_stats"):  # "tree": "auto": the runner writes its choices there
+        os.environ["VLLM_HASS_AUTO_STATS"] = job["auto_stats"]
 
     llm = LLM(
         model=job["target"],
@@ -97,6 +102,9 @@ def run_engine(job: dict) -> dict:
                 if temperature == 0 else None,
             })
             tick()
+    if job.get("auto_stats") and os.path.exists(job["auto_stats"]):
+        with open(job["auto_stats"]) as f:
+            return {"runs": runs, "auto": json.load(f)}
     return {"runs": runs}
 
 

@@ -283,6 +283,7 @@ class HassRunnerMixin(AutoRunnerMixin):
         if self._hass_tree is not None:
             self._hass_params_ok.pop(req_id, None)
             self._hass_store.index.pop(req_id, None)
+            self._hass_stale.pop(req_id, None)
 
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata,
                                 hidden_states, sample_hidden_states, aux_hidden_states,

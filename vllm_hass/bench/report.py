@@ -54,11 +54,14 @@ def assemble(meta: dict, configs, engine_results: dict, oracle_results: list[dic
             spec = c.speculative_config is not None
             o = oracle.get(c.oracle) if r["temperature"] == 0 else None
             per_pos = _per_pos(r["accepted_per_pos"], r["drafts"])
-            if spec and c.speculative_config.get("tree"):
-                # vLLM's vector is num_speculative_tokens long; a tree accepts at most depth.
-                per_pos = per_pos[: c.speculative_config["tree"]["depth"]]
-            notes = list(c.notes)
+            tree = c.speculative_config.get("tree") if spec else None
             auto = engine_results.get(c.name, {}).get("auto")
+            depth = (tree.get("depth") if isinstance(tree, dict) else
+                     int(auto["bound"].split("/")[0]) if auto and auto.get("bound") else None)
+            if depth:
+                # vLLM's vector is num_speculative_tokens long; a tree accepts at most depth.
+                per_pos = per_pos[:depth]
+            notes = list(c.notes)
             if auto:  # what "tree": "auto" chose, over the whole run (all batch sizes)
                 steps = sorted(auto.get("shape_steps", {}).items(), key=lambda kv: -kv[1])
                 notes.append("auto shapes: " + ", ".join(f"{k} ×{n}" for k, n in steps[:4]))

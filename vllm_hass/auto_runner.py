@@ -160,11 +160,6 @@ class AutoRunnerMixin:
                                  host[0, start: start + pos.size, :m].tolist()):
                 drafts[b] = tokens
             start += pos.size
-        if self._hass_rank_check is not None:
-            self._hass_rank_check(
-                verified_tokens=None if step is None else step.trees.tokens,
-                verified_parents=None if step is None else step.trees.parents,
-                accepted_path=acc.path, bonus=acc.bonus, drafted_for=fp.eligible_dev,
-                drafted=packed.flatten())
+        self._hass_check_ranks(step, acc, fp, packed)
         return drafts
 

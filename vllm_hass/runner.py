@@ -324,13 +324,17 @@ class HassRunnerMixin(AutoRunnerMixin):
         self._hass_store.replace([req_ids[b] for b in eligible], host)
         for b, tokens in zip(eligible, host[0].tolist()):
             drafts[b] = tokens
+        self._hass_check_ranks(step, acc, fp, packed)
+        return drafts
+
+    def _hass_check_ranks(self, step, acc, fp, packed) -> None:
+        """VLLM_HASS_CHECK_RANKS: every rank verified, accepted and drafted the same."""
         if self._hass_rank_check is not None:
             self._hass_rank_check(
                 verified_tokens=None if step is None else step.trees.tokens,
                 verified_parents=None if step is None else step.trees.parents,
                 accepted_path=acc.path, bonus=acc.bonus, drafted_for=fp.eligible_dev,
                 drafted=packed.flatten())
-        return drafts
 
 
 def _plain_accepted(sampled_token_ids, B: int, device):

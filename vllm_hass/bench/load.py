@@ -31,11 +31,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from itertools import pairwise
 from pathlib import Path
 
+from vllm_hass.demo import _http as demo_http
 from vllm_hass.demo import spec_counters
 from vllm_hass.errors import UserError
 
@@ -100,10 +100,7 @@ def _free_port() -> int:
 
 
 def _http(url: str, data: dict | None = None, timeout: float = 60) -> str:
-    req = urllib.request.Request(url, data=json.dumps(data).encode() if data else None,
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return r.read().decode()
+    return demo_http(url, data, timeout)  # the demo's request helper, with a shorter timeout
 
 
 def _has_chat_template(target: Path) -> bool:

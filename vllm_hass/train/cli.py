@@ -1,7 +1,9 @@
 """`vllm-hass train`: make training data from a target, train EAGLE/HASS heads, compare them.
 
     vllm-hass train fetch --smollm2 --sharegpt convs.jsonl --limit 2000
+    vllm-hass train gen   --target DIR --num-prompts 1000 --out tokens.jsonl   (vLLM self-distillation)
     vllm-hass train data  --target DIR --conversations convs.jsonl --out DATA [--regenerate]
+    vllm-hass train data  --target DIR --tokens tokens.jsonl --out DATA
     vllm-hass train fit   --target DIR --data DATA --out HEAD [--method eagle|hass]
     vllm-hass train eval  --target DIR --data DATA --head HEAD [--head HEAD2 ...]
 """
@@ -30,7 +32,8 @@ def add_parser(subparsers) -> None:
 
     d = sub.add_parser("data", help="conversations (jsonl) -> target features + top-K probs")
     d.add_argument("--target", required=True, help="local HF model directory")
-    d.add_argument("--conversations", required=True, help="jsonl, ShareGPT or chat-messages format")
+    d.add_argument("--conversations", help="jsonl, ShareGPT or chat-messages format")
+    d.add_argument("--tokens", help="a `train gen` tokens.jsonl: features on exactly its ids")
     d.add_argument("--out", required=True, help="data directory (resumable)")
     d.add_argument("--max-len", type=int, default=2048, help="truncate conversations (tokens)")
     d.add_argument("--topk", type=int, default=10, help="target probabilities kept per position")
@@ -47,6 +50,28 @@ def add_parser(subparsers) -> None:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     d.set_defaults(func=run)
+
+    g = sub.add_parser("gen", help="self-distillation: the target's own replies as token ids (vLLM)")
+    g.add_argument("--target", required=True, help="local HF model directory")
+    g.add_argument("--prompts", default="sharegpt",
+                   help="sharegpt (first human turns, deduplicated) or a FILE.jsonl; "
+                   "MT-bench and HumanEval prompts are left out (they are the evaluation), "
+                   "except with --eval-data")
+    g.add_argument("--num-prompts", type=int, default=1000)
+    g.add_argument("--skip", type=int, default=0, help="skip the first N usable prompts")
+    g.add_argument("--max-prompt-tokens", type=int, default=256,
+                   help="longer (templated) prompts are dropped, not cut")
+    g.add_argument("--max-tokens", type=int, default=256, help="reply length limit")
+    g.add_argument("--greedy-fraction", type=float, default=0.75,
+                   help="share of prompts answered greedily; the others are sampled at T = 1 "
+                   "(seeded per prompt), spread evenly")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", required=True, help="tokens FILE.jsonl (written atomically)")
+    g.add_argument("--force", action="store_true", help="replace an existing --out")
+    g.add_argument("--eval-data", action="store_true",
+                   help="held-out evaluation data from --prompts mtbench|humaneval|FILE (for "
+                   "`train eval`; `train fit` refuses it)")
+    g.set_defaults(func=run)
 
     t = sub.add_parser("fit", help="train a head")
     t.add_argument("--target", required=True)
@@ -75,8 +100,10 @@ def add_parser(subparsers) -> None:
     t.add_argument("--no-fc-bias", dest="fc_bias", action="store_false")
     t.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the saved plugin head")
-    t.add_argument("--lm-head-dtype", default="bfloat16", choices=["float32", "bfloat16"],
-                   help="matmul dtype of the (frozen) lm_head in the losses")
+    t.add_argument("--lm-head-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="matmul dtype of the (frozen) lm_head in the losses; auto: bfloat16 on "
+                   "CUDA, float32 on CPU (bf16 matmuls run 4-5x slower than float32 on a CPU "
+                   "without AMX/AVX-512, measured)")
     t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--state", help="training state file (default: OUT.state.pt)")
@@ -103,7 +130,7 @@ def add_parser(subparsers) -> None:
     e.add_argument("--samples", type=int, default=32, help="the last N samples of --data")
     e.add_argument("--steps", type=int, default=5)
     e.add_argument("--max-len", type=int, default=None)
-    e.add_argument("--lm-head-dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    e.add_argument("--lm-head-dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     e.add_argument("--device", default="cpu")
     e.add_argument("--threads", type=int, default=None)
     e.set_defaults(func=run)
@@ -142,10 +169,15 @@ def run(args) -> int:
                        for i, t in picked]
             print(f"{write_conversations(args.mtbench, records)} conversations -> {args.mtbench}")
         return 0
+    if cmd == "gen":
+        from .selfdistill import run_gen
+
+        return run_gen(args)
     if cmd == "data":
         from .data import generate
 
-        stats = generate(args.target, args.conversations, args.out, max_len=args.max_len,
+        stats = generate(args.target, args.conversations, args.out, tokens=args.tokens,
+                         max_len=args.max_len,
                          topk=args.topk, limit=args.limit, dtype=args.dtype, device=args.device,
                          target_dtype=args.target_dtype, chat_template=args.chat_template,
                          regen=args.regenerate, max_new_tokens=args.max_new_tokens,

@@ -60,6 +60,14 @@ def load_shared(target: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return embed, want["lm_head.weight"] if want["lm_head.weight"] is not None else embed  # tied
 
 
+def resolve_lm_head_dtype(name: str, device: str) -> str:
+    """auto: bfloat16 on CUDA (tensor cores), float32 elsewhere: on this project's CPUs
+    (AVX2, no AMX/AVX-512) a bf16 [1500, 576] x [576, 8192] matmul took 4-5x a float32 one."""
+    if name != "auto":
+        return name
+    return "bfloat16" if str(device).startswith("cuda") else "float32"
+
+
 def logits(head: HassHead, out: torch.Tensor, lm_head: torch.Tensor) -> torch.Tensor:
     """head.logits with the matmul in lm_head's dtype (bfloat16: AMX / tensor cores, ~6x
     faster on this CPU; EAGLE and HASS train in bf16 mixed precision too); float32 result."""
@@ -84,11 +92,18 @@ def uniform_noise(h: torch.Tensor, lengths: torch.Tensor, std: float,
 
 def batch_forward(head: HassHead, batch: dict, embed: torch.Tensor, lm_head: torch.Tensor,
                   r: Recipe, topk_w: float, gen: torch.Generator | None, train: bool,
-                  vocab: DraftVocab | None = None, lm_draft: torch.Tensor | None = None) -> dict:
+                  vocab: DraftVocab | None = None, lm_draft: torch.Tensor | None = None,
+                  lm_draft_f32: torch.Tensor | None = None) -> dict:
     """Runs the n steps on one batch; with train=True also accumulates gradients.
     Returns per-step losses and top-1 agreement with the target (masked means).
     vocab/lm_draft: the draft vocabulary and its lm_head rows [Vd, H] (lm_head[vocab.ids]);
-    lm_head [V, H] still gives the target's q over the full vocabulary."""
+    lm_head [V, H] still gives the target's q over the full vocabulary, unless the data
+    stores the target's log-normaliser `lse` and lm_draft_f32 (the same rows in float32) is
+    given: then q over the vocabulary is exp(f @ W_D^T - lse), a Vd-row matmul, not V.
+
+    The head runs over every position (attention needs the whole context), but the
+    lm_head, q and the losses only over the N scored positions (assistant tokens): the
+    packed [N, ...] tensors below. Padding and prompt positions cost nothing there."""
     ids, f = batch["input_ids"], batch["hidden"]
     B, T = ids.shape
     L, dev = T - 1, f.device
@@ -96,15 +111,24 @@ def batch_forward(head: HassHead, batch: dict, embed: torch.Tensor, lm_head: tor
     h1 = f[:, :-1]
     if train and gen is not None:
         h1 = uniform_noise(h1, batch["valid"].sum(1), r.noise, gen)
-    target = f[:, 1:]
+    mask = torch.cat((batch["loss_mask"][:, 2:], torch.zeros(B, 1, device=dev)), dim=1)  # [B, L]
+    sel = mask.nonzero(as_tuple=True)  # training only (never the serving path): a sync is fine
+    w = mask[sel]                                       # [N] position weights
+    pos_n = sel[1]                                      # [N] position of each scored row
+    target = f[:, 1:][sel]                              # [N, H]
+    q_top1 = batch["topk_ids"][:, 1:, 0][sel]           # [N] the target's greedy token (f32 logits)
+    tk_ids = batch["topk_ids"][:, 1:, :r.topk][sel]     # [N, K]
+    tk_p = batch["topk_p"][:, 1:, :r.topk][sel]         # [N, K]
     with torch.no_grad():
-        # the target's own next-token distribution (its features are post-norm)
-        q = (target.to(lm_head.dtype) @ lm_head.t()).float().softmax(-1)  # [B, L, V]
-    q_top1 = batch["topk_ids"][:, 1:, 0]  # the target's greedy token, from its float32 logits
-    mask = torch.cat((batch["loss_mask"][:, 2:], torch.zeros(B, 1, device=dev)), dim=1)
-    tk_ids, tk_p = batch["topk_ids"][:, 1:, :r.topk], batch["topk_p"][:, 1:, :r.topk]
+        if vocab is not None and lm_draft_f32 is not None and "lse" in batch:
+            lse = batch["lse"][:, 1:][sel]              # [N]
+            q = (target.float() @ lm_draft_f32.t() - lse[:, None]).exp()  # [N, Vd], sums to m
+        else:
+            # the target's own next-token distribution (its features are post-norm)
+            q = (target.to(lm_head.dtype) @ lm_head.t()).float().softmax(-1)  # [N, V]
+            if vocab is not None:
+                q = in_vocab(q, vocab.ids)              # [N, Vd], sums to the in-vocabulary mass
     if vocab is not None:  # everything in draft ids; outside tokens carry no probability
-        q = in_vocab(q, vocab.ids)  # [B, L, Vd], sums to the in-vocabulary mass
         tk_ids, tk_p = to_draft(tk_ids, tk_p, vocab.index)
         q_top1 = vocab.index[q_top1]  # -1: the target's greedy token is outside
     else:
@@ -112,11 +136,11 @@ def batch_forward(head: HassHead, batch: dict, embed: torch.Tensor, lm_head: tor
     pos = torch.arange(L, device=dev)[None].expand(B, L)
     hiddens, stats = [h1], {"loss": 0.0, "steps": []}
     for j in range(1, r.steps + 1):
-        out = step_forward(head, embeds, hiddens, pos)
-        m = mask.clone()
-        m[:, :j - 1] = 0  # positions whose context end would be before the sequence
-        logp = logits(head, out, lm_draft).log_softmax(-1)  # [B, L, V or Vd]
-        vloss, ploss = feature_loss(out, target, m), soft_ce(logp, q, m)
+        out = step_forward(head, embeds, hiddens, pos)  # [B, L, H]
+        o = out[sel]                                    # [N, H]
+        m = w * (pos_n >= j - 1)  # positions whose context end would be before the sequence
+        logp = logits(head, o, lm_draft).log_softmax(-1)  # [N, V or Vd]
+        vloss, ploss = feature_loss(o, target, m), soft_ce(logp, q, m)
         tloss = topk_loss(logp, tk_ids, tk_p, m) if topk_w > 0 else torch.zeros((), device=dev)
         loss = r.v_w * vloss + r.p_w * ploss + topk_w * tloss
         if train:
@@ -219,7 +243,7 @@ def fit(*, target: str, data: str, out: str, method: str = "hass", recipe: Recip
         epochs: int = 2, lr: float = 3e-4, warmup: float = 0.02, batch_tokens: int = 2048,
         max_len: int | None = None, eval_samples: int = 32, eval_steps: int = 5,
         seed: int = 0, fc_bias: bool = True, dtype: str = "bfloat16",
-        lm_head_dtype: str = "bfloat16", device: str = "cpu",
+        lm_head_dtype: str = "auto", device: str = "cpu",
         repo_out: str | None = None, state: str | None = None, resume: bool = False,
         force: bool = False, log_every: int = 20, save_every: int = 200,
         limit: int | None = None, init: str | None = None, draft_vocab: int = 0,
@@ -237,6 +261,9 @@ def fit(*, target: str, data: str, out: str, method: str = "hass", recipe: Recip
         raise UserError(f"--resume: no training state at {state_p}")
     tcfg = target_config(tdir)
     samples = Samples(data)
+    if samples.meta.get("eval_only"):
+        raise UserError(f"--data {data}: made from evaluation prompts (`train gen --eval-data`); "
+                        "it is for `train eval`, never for training")
     if int(samples.meta.get("topk", 0)) < r.topk and r.topk_w > 0:
         raise UserError(f"--topk {r.topk}: {data} stores only the top {samples.meta.get('topk')} "
                         "probabilities (remake it with `train data --topk`)")
@@ -246,6 +273,7 @@ def fit(*, target: str, data: str, out: str, method: str = "hass", recipe: Recip
         raise UserError(f"--data {data}: features have size {H}, "
                         f"target hidden_size is {cfg.hidden_size}")
     embed, lm_head = load_shared(tdir)
+    lm_head_dtype = resolve_lm_head_dtype(lm_head_dtype, device)
     embed, lm_head = embed.to(device), lm_head.to(device, DTYPES[lm_head_dtype])
 
     # Held-out samples: the last files (seed-independent, so two runs compare on the same ones).
@@ -263,6 +291,9 @@ def fit(*, target: str, data: str, out: str, method: str = "hass", recipe: Recip
     # the draft's logits use these rows only: sliced once here, not per step
     lm_draft = lm_head if vocab is None else lm_head[vocab.ids.to(device)].contiguous()  # [Vd, H]
     vocab_d = None if vocab is None else vocab.to(device)
+    # q over the vocabulary from its rows and the stored log-normaliser (data with `lse`)
+    lm_draft_f32 = None if vocab is None or not samples.has_lse else \
+        load_shared(tdir)[1][vocab.ids].to(device).contiguous()  # [Vd, H] float32
 
     torch.manual_seed(seed)
     head = HassHead(cfg).float().to(device)
@@ -339,7 +370,7 @@ def fit(*, target: str, data: str, out: str, method: str = "hass", recipe: Recip
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             opt.zero_grad(set_to_none=True)
             st = batch_forward(head, batch, embed, lm_head, r, topk_w, gen, train=True,
-                               vocab=vocab_d, lm_draft=lm_draft)
+                               vocab=vocab_d, lm_draft=lm_draft, lm_draft_f32=lm_draft_f32)
             torch.nn.utils.clip_grad_value_(head.parameters(), 0.5)  # EAGLE's clip
             opt.step()
             sched.step()
@@ -401,12 +432,13 @@ def load_init(path: str) -> HassHead:
 
 
 def evaluate_heads(target: str, data: str, heads: list[str], n: int = 32, steps: int = 5,
-                   max_len: int | None = None, lm_head_dtype: str = "bfloat16",
+                   max_len: int | None = None, lm_head_dtype: str = "auto",
                    device: str = "cpu") -> dict[str, dict]:
     from vllm_hass.vocab import read_vocab
 
     samples = Samples(data)
     embed, lm_head = load_shared(Path(target))
+    lm_head_dtype = resolve_lm_head_dtype(lm_head_dtype, device)
     embed, lm_head = embed.to(device), lm_head.to(device, DTYPES[lm_head_dtype])
     idx = list(range(max(0, len(samples) - n), len(samples)))
     out = {}

@@ -12,4 +12,5 @@ TARGET=${TARGET:-meta-llama/Meta-Llama-3-70B-Instruct}
 exec vllm serve "$TARGET" \
   --tensor-parallel-size 2 \
   --speculative-config "$SPEC" \
+  --shutdown-timeout 30 \
   "$@"

@@ -11,4 +11,5 @@ TARGET=${TARGET:-meta-llama/Meta-Llama-3-70B-Instruct}
 exec vllm serve "$TARGET" \
   --tensor-parallel-size 8 \
   --speculative-config "$SPEC" \
+  --shutdown-timeout 30 \
   "$@"

@@ -11,4 +11,5 @@ TARGET=${TARGET:-meta-llama/Meta-Llama-3-8B-Instruct}
 exec vllm serve "$TARGET" \
   --tensor-parallel-size 1 \
   --speculative-config "$SPEC" \
+  --shutdown-timeout 30 \
   "$@"

@@ -167,7 +167,7 @@ def test_gen_writes_vllms_own_ids_and_leaves_evaluation_prompts_out(bigram_targe
         tok(tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False,
                                     add_generation_prompt=True), add_special_tokens=False)["input_ids"]
         for t in kept]
-    assert [r["temperature"] for r in recs] == [0.0, 1.0, 0.0, 1.0]
+    assert [r["temperature"] for r in recs] == [1.0, 0.0, 1.0, 0.0]  # is_greedy(i, 0.5)
     model = AutoModelForCausalLM.from_pretrained(str(tgt), dtype=torch.float32)
     for r in recs:
         assert 1 <= len(r["output_ids"]) <= 6 and r["finish_reason"] in ("stop", "length")

@@ -41,8 +41,9 @@ def eval_prompts() -> set[str]:
 
 
 def is_greedy(i: int, greedy_fraction: float) -> bool:
-    """A deterministic, evenly spread mix: prompt i is greedy for the first
-    round(n * f) of every n prompts (f = 0.75: 3 greedy, then 1 sampled)."""
+    """A deterministic, evenly spread mix: prompt i is greedy when floor((i + 1) f) >
+    floor(i f), so any n consecutive prompts hold floor(n f) or so greedy ones
+    (f = 0.75: 1 sampled, then 3 greedy, repeating; f = 0.5: sampled, greedy, ...)."""
     return int((i + 1) * greedy_fraction + 1e-9) > int(i * greedy_fraction + 1e-9)
 
 

@@ -272,9 +272,9 @@ def fit(*, target: str, data: str, out: str, method: str = "hass", recipe: Recip
     if H != cfg.hidden_size:
         raise UserError(f"--data {data}: features have size {H}, "
                         f"target hidden_size is {cfg.hidden_size}")
-    embed, lm_head = load_shared(tdir)
+    embed, lm_f32 = load_shared(tdir)  # lm_f32 [V, H] float32, kept for q's rows below
     lm_head_dtype = resolve_lm_head_dtype(lm_head_dtype, device)
-    embed, lm_head = embed.to(device), lm_head.to(device, DTYPES[lm_head_dtype])
+    embed, lm_head = embed.to(device), lm_f32.to(device, DTYPES[lm_head_dtype])
 
     # Held-out samples: the last files (seed-independent, so two runs compare on the same ones).
     n_all = len(samples) if limit is None else min(limit, len(samples))
@@ -293,7 +293,7 @@ def fit(*, target: str, data: str, out: str, method: str = "hass", recipe: Recip
     vocab_d = None if vocab is None else vocab.to(device)
     # q over the vocabulary from its rows and the stored log-normaliser (data with `lse`)
     lm_draft_f32 = None if vocab is None or not samples.has_lse else \
-        load_shared(tdir)[1][vocab.ids].to(device).contiguous()  # [Vd, H] float32
+        lm_f32[vocab.ids].to(device).contiguous()  # [Vd, H] float32
 
     torch.manual_seed(seed)
     head = HassHead(cfg).float().to(device)

@@ -8,6 +8,7 @@ the vocabulary are split and the KV head is replicated.
 """
 
 import json
+import re
 import os
 from pathlib import Path
 
@@ -185,6 +186,7 @@ def test_tp2_serve_script_runs_as_written(bigram_target, identity_head, tmp_path
     env = serve_env(TARGET=str(bigram_target), SPEC=str(spec_file),
                     PATH=str(Path(VLLM).parent) + os.pathsep + os.environ.get("PATH", ""))
     env.pop("VLLM_HASS_CHECK_RANKS")  # as a user runs it
+    env["VLLM_LOGGING_LEVEL"] = "INFO"  # each rank's runner logs its tree at INFO
     proc, base, log = start_server(
         ["bash", str(ROOT / "examples" / "serve_llama3_70b_tp2.sh"), "--enforce-eager",
          "--dtype", "float32", "--max-model-len", "512"], tmp_path / "serve.log", env=env)
@@ -193,7 +195,13 @@ def test_tp2_serve_script_runs_as_written(bigram_target, identity_head, tmp_path
                                   else TREE["total_tokens"] - 1)
     finally:
         stop_server(proc, log)
-    assert "Worker_TP1" in (tmp_path / "serve.log").read_text()  # a second rank served
+    # Rank 1 loaded the target and each of the two workers built the tree drafter (rank 1 takes
+    # its "Worker_TP1" name only after that, so the drafter lines are matched by pid).
+    served = (tmp_path / "serve.log").read_text()
+    tp1 = re.search(r"Worker_TP1 pid=(\d+)\)", served)
+    assert tp1, served[-3000:]
+    drafters = set(re.findall(r"pid=(\d+)\) INFO [^\n]*vllm-hass: EAGLE-2 trees", served))
+    assert len(drafters) == 2 and tp1.group(1) in drafters, served[-3000:]
 
 
 

@@ -97,7 +97,7 @@ def get(url, data=None, timeout=60):
 def metric(text: str, name: str, label: str = "") -> float:
     """Sum of a Prometheus counter over its series (optionally those carrying `label`)."""
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith(name + "{") and label in line)
+               if line.startswith((name + "{", name + " ")) and label in line)
 
 
 def start_server(argv: list[str], log_path: Path, env=None, timeout: float = 300):

@@ -6,6 +6,7 @@ the runtime's counting, clock and stats file, and hass.json's auto section."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -454,3 +455,44 @@ def test_auto_top_k_bound_meets_a_small_vocabulary(small_vocab):
     with pytest.raises(UserError) as e:
         parse_spec({"method": "hass", "model": str(head), "tree": {"auto": True, "max_top_k": 8}})
     assert "'tree.max_top_k' must be <= the head's vocabulary (6), got 8" in str(e.value)
+
+
+def test_metrics_collector_reads_the_stats_file(tmp_path):
+    """auto_metrics: the stats file's counts as Prometheus counters (zeros before the
+    engine's first snapshot), served from the default registry; a second engine's
+    collector replaces the first's."""
+    from prometheus_client import REGISTRY, generate_latest
+
+    from vllm_hass import auto_metrics
+
+    path = tmp_path / "stats.json"
+    auto_metrics.register(str(path))
+    text = generate_latest(REGISTRY).decode()
+    assert "vllm:hass_auto_head_off_steps_total 0.0" in text
+    assert "vllm:hass_auto_tree_steps_total{" not in text
+    path.write_text(json.dumps({"shape_steps": {"none": 7, "3/1/4": 5}, "head_off_steps": 2,
+                                "explore_steps": 1}))
+    text = generate_latest(REGISTRY).decode()
+    assert 'vllm:hass_auto_tree_steps_total{shape="3/1/4"} 5.0' in text
+    assert 'vllm:hass_auto_tree_steps_total{shape="none"} 7.0' in text
+    assert "vllm:hass_auto_head_off_steps_total 2.0" in text
+    assert "vllm:hass_auto_explore_steps_total 1.0" in text
+    path.write_text("{trunc")  # never raises into a scrape
+    assert "vllm:hass_auto_explore_steps_total 0.0" in generate_latest(REGISTRY).decode()
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"shape_steps": {"2/1/3": 4}}))
+    auto_metrics.register(str(other))
+    text = generate_latest(REGISTRY).decode()
+    assert text.count("# TYPE vllm:hass_auto_tree_steps_total counter") == 1
+    assert 'shape="2/1/3"} 4.0' in text and 'shape="3/1/4"' not in text
+
+
+def test_metrics_stats_path_defaults_to_a_fresh_file(monkeypatch, tmp_path):
+    from vllm_hass import auto_metrics
+    from vllm_hass.auto_runtime import STATS_ENV
+
+    monkeypatch.setenv(STATS_ENV, str(tmp_path / "mine.json"))
+    assert auto_metrics.stats_path() == str(tmp_path / "mine.json")
+    monkeypatch.delenv(STATS_ENV)
+    a, b = auto_metrics.stats_path(), auto_metrics.stats_path()
+    assert a != b and not os.path.exists(a)  # the runtime writes the first snapshot

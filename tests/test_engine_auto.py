@@ -30,8 +30,23 @@ def run(target, spec, ps, stats=None, **kw):
     if stats is not None:
         time.sleep(1.5)
         stats = json.loads(stats.read_text())
+        stats["metrics"] = auto_metrics(llm)
     free_llm(llm)
     return out, m, stats
+
+
+def auto_metrics(llm) -> dict:
+    """The vllm:hass_auto_* counters from prometheus' default registry (what /metrics
+    serves): {"shape_steps": {shape: n}, "head_off_steps": n, "explore_steps": n}."""
+    from vllm.v1.metrics.reader import Counter
+
+    out = {"shape_steps": {}}
+    for c in llm.get_metrics():
+        if isinstance(c, Counter) and c.name == "vllm:hass_auto_tree_steps":
+            out["shape_steps"][c.labels["shape"]] = c.value
+        elif isinstance(c, Counter) and c.name.startswith("vllm:hass_auto_"):
+            out[c.name[len("vllm:hass_auto_"):]] = c.value
+    return out
 
 
 def test_auto_drafts_chains_for_a_perfect_head(bigram_target, identity_head, tmp_path,
@@ -52,6 +67,8 @@ def test_auto_drafts_chains_for_a_perfect_head(bigram_target, identity_head, tmp
     assert data["acceptance"]["chain"] == [1.0] * 6
     steps = data["shape_steps"]
     assert sum(steps.values()) == data["steps"]
+    assert data["metrics"] == {"shape_steps": steps, "head_off_steps": data["head_off_steps"],
+                               "explore_steps": data["explore_steps"]}  # also on /metrics
     assert steps.get("none", 0) < 0.3 * data["steps"], steps
     assert all(k == "none" or k.split("/")[1] == "1" for k in steps), steps
     lines = [r.getMessage() for r in caplog.records if "auto tree ->" in r.getMessage()]
@@ -73,6 +90,7 @@ def test_auto_stops_the_head_when_drafts_never_pay(random_target, random_head, t
     assert got == want
     assert data["current"] == "none" and not data["head_on"], data
     assert data["head_off_steps"] > 0 and data["shape_steps"]["none"] > 0.8 * data["steps"]
+    assert data["metrics"]["head_off_steps"] == data["head_off_steps"]
     assert any("no drafts, head off" in r.getMessage() for r in caplog.records)
     assert m["num_drafts"] < 0.2 * data["steps"] * len(ps)
 

@@ -29,8 +29,10 @@ class AutoRunnerMixin:
         if group.world_size > 1:  # every rank must choose alike (auto_runtime docstring)
             def broadcast(obj):
                 return group.broadcast_object(obj, src=0)
+        stats = getattr(self.speculative_config.draft_model_config.hf_config, "hass_auto_stats", None)
         return AutoRuntime(self._hass_tree, self.device, self.max_num_tokens, self.max_num_reqs,
-                           rank=group.rank_in_group, broadcast=broadcast, logger=logger)
+                           rank=group.rank_in_group, broadcast=broadcast, logger=logger,
+                           stats_path=stats)
 
     def _hass_measure_costs(self) -> None:
         """Priors of the auto cost model, once at start-up: the target's forward + logits

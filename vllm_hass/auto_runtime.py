@@ -12,9 +12,10 @@ statistics cells), `count` (_sample, after acceptance), `plan` (propose), `clock
   vector at the slot's cell (fixed-shape index_add_, no sync); offered counts are known on
   the host. Every READ_EVERY steps the device vector goes to a host buffer in a
   non-blocking copy and is consumed the step after (vLLM syncs every step in between).
-* The stats file (VLLM_HASS_AUTO_STATS, rank 0): rewritten atomically when the chosen
-  shape changes, every STATS_EVERY steps, and once the engine has gone idle (a small
-  daemon thread), so after a run it is complete within ~1 s.
+* The stats file (VLLM_HASS_AUTO_STATS, else a temporary file; rank 0): rewritten
+  atomically when the chosen shape changes, every STATS_EVERY steps, and once the engine
+  has gone idle (a small daemon thread), so after a run it is complete within ~1 s. The
+  API server's /metrics reads it (vllm_hass/auto_metrics.py).
 * Tensor parallel: every rank must choose the same shapes (their trees must agree). The
   acceptance counts are identical on all ranks (same decisions); the costs are not (each
   rank times itself), so the chooser reads a copy of rank 0's cost model, refreshed every
@@ -123,7 +124,8 @@ class AutoRuntime:
     """The engine-side state of "tree": "auto" for one runner (see the module docstring)."""
 
     def __init__(self, bound, device: torch.device, max_tokens: int, max_reqs: int, *,
-                 rank: int = 0, broadcast=None, logger: logging.Logger | None = None):
+                 rank: int = 0, broadcast=None, logger: logging.Logger | None = None,
+                 stats_path: str | None = None):
         self.bound = Shape(bound.depth, bound.top_k, bound.total_tokens)
         self.grid = shape_grid(bound.depth, bound.top_k, bound.total_tokens)
         self.costs = Costs(max_tokens, max_reqs, max_reqs * bound.top_k)
@@ -151,7 +153,8 @@ class AutoRuntime:
         self.head_off_steps = 0
         self.explored = 0  # which request explores next (in turn)
         self.last: tuple | None = None  # (shape, head_on) last logged
-        self.stats_path = os.environ.get(STATS_ENV) if rank == 0 else None
+        # the engine's file (auto_metrics.stats_path: $VLLM_HASS_AUTO_STATS or a temporary one)
+        self.stats_path = (stats_path or os.environ.get(STATS_ENV)) if rank == 0 else None
         self.counted = 0  # steps counted in shape_steps
         self.written = -1  # ... of which the stats file shows
         self._changed = False

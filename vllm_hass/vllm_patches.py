@@ -315,6 +315,13 @@ def _patch_engine_args() -> None:
             cfg.draft_model_config.hf_config.hass_tree = spec.draft_tree.to_dict()
         # The draft model reads it when it builds its lm_head (draft_model.py).
         cfg.draft_model_config.hf_config.hass_draft_vocab_size = spec.draft_vocab_size
+        if spec.tree is not None and spec.tree.auto:
+            # auto's stats file: written by the engine's rank 0, read by /metrics here
+            from vllm_hass import auto_metrics
+
+            path = auto_metrics.stats_path()
+            cfg.draft_model_config.hf_config.hass_auto_stats = path
+            auto_metrics.register(path)
         return cfg
 
     patch(EngineArgs, "create_speculative_config", create_speculative_config,

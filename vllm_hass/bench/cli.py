@@ -3,6 +3,7 @@
     vllm-hass bench --target T --spec hass.json --dataset mtbench --batch-sizes 1,8,32 \\
         --temperature 0,1 --out runs/bench
     vllm-hass bench speedup-model --tau 5.08
+    vllm-hass bench auto-model --gpu h100 --tau 5.08
     vllm-hass bench compare runs/bench-eagle runs/bench-hass --label EAGLE HASS
     vllm-hass bench host-overhead --batch-sizes 1,8,64
     vllm-hass bench load --target T --spec hass.json --clients 32 --duration 60 --out runs/load
@@ -62,6 +63,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     from vllm_hass.bench.speedup_model import add_parser as add_speedup_parser
 
     add_speedup_parser(sub)
+    from vllm_hass.bench.auto_model import add_parser as add_auto_model_parser
+
+    add_auto_model_parser(sub)
     from vllm_hass.bench.compare import add_parser as add_compare_parser
 
     add_compare_parser(sub)
@@ -149,6 +153,10 @@ def run(args) -> int:
         from vllm_hass.bench.speedup_model import run as run_speedup
 
         return run_speedup(args)
+    if getattr(args, "bench_command", None) == "auto-model":
+        from vllm_hass.bench.auto_model import run as run_auto_model
+
+        return run_auto_model(args)
     if getattr(args, "bench_command", None) == "host-overhead":
         from vllm_hass.bench.host_overhead import run as run_host_overhead
 

@@ -120,6 +120,12 @@ MUTANTS = [
              "        anc[:, ar, step * K + ar] = True\n"
              "        anc[:, ar[1:], step * K + ar[:-1]] = True\n")],
            [ORACLE_TREE]),
+    Mutant("no-draft-step-through-tree-path", "a step where no request has drafts still runs the "
+           "tree layout and tree sampler (vLLM builds spec metadata every step)",
+           "vllm_hass/runner.py",
+           [("        if spec_md is not None and spec_md.max_spec_len > 0:\n",
+             "        if spec_md is not None:\n")],
+           ["tests/test_engine_auto.py::test_steps_without_drafts_run_as_without_speculation"]),
 ]
 
 

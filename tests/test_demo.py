@@ -25,3 +25,22 @@ def test_demo_tiny_serves_and_reports_tau():
     m = re.search(r"speedup = ([0-9.]+)x \(tau 5.00\); output identical to no speculation", r.stdout)
     assert m and float(m.group(1)) > 0, r.stdout[-2000:]
     assert re.search(r"no speculation: 41 tokens in [0-9.]+ s", r.stdout)
+
+
+def test_demo_tiny_defaults_to_auto_and_shows_its_shapes():
+    """The demo's default tree is "auto": it prints the shapes auto chose for the timed
+    request (from the /metrics counters) beside τ and the no-speculation run."""
+    exe = str(Path(sys.executable).parent / "vllm-hass")
+    r = subprocess.run([exe, "demo", "--tiny", "--max-tokens", "48"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert '"tree": "auto"' in r.stdout
+    m = re.search(r"auto chose \(engine steps per shape\): (.+)", r.stdout)
+    assert m, r.stdout[-2000:]
+    steps = {k: int(v) for k, v in re.findall(r"(none|\d+/\d+/\d+) ×(\d+)", m.group(1))}
+    verify = int(re.search(r"verify steps (\d+)", r.stdout).group(1))
+    drafted = sum(v for k, v in steps.items() if k != "none")
+    # every drafted step but possibly the last is verified by the next (an exploring step
+    # is verified too, and counted as the shape the other requests got: here none)
+    assert 0 < drafted <= verify + 1 and verify <= sum(steps.values()), (steps, verify)
+    assert "output identical to no speculation" in r.stdout

@@ -107,3 +107,32 @@ def test_auto_bounds_size_vllm_and_the_drafts(bigram_target, identity_head):
     assert all(len(o) == 64 for o in out)
     per = m["num_accepted_tokens_per_pos"]
     assert per[0] > 0 and sum(per[3:]) == 0  # never deeper than 3
+
+
+def test_steps_without_drafts_run_as_without_speculation(bigram_target, identity_head, monkeypatch):
+    """vLLM 0.32/0.33 build spec-decode metadata every step once speculation is configured.
+    A step in which no request has drafts (prefills; here every step: the head forced off)
+    must not run the plugin's tree layout or tree sampler (vLLM's own sampler serves it,
+    as without speculation); with drafts they run. Outputs identical to no speculation."""
+    from collections import Counter
+
+    import vllm_hass.sampler as sampler_mod
+    import vllm_hass.step as step_mod
+
+    calls = Counter()
+    for mod, name in ((step_mod, "verify_layout"), (sampler_mod, "tree_sample")):
+        def counted(*a, _f=getattr(mod, name), _n=name, **kw):
+            calls[_n] += 1
+            return _f(*a, **kw)
+        monkeypatch.setattr(mod, name, counted)
+    ps = prompts(4)
+    want, _, _ = run(bigram_target, None, ps)
+    monkeypatch.setenv("VLLM_HASS_AUTO_SCHEDULE", "off")
+    got, m, _ = run(bigram_target, auto_spec(identity_head), ps)
+    assert got == want and m["num_drafts"] == 0
+    assert calls == Counter(), calls
+    monkeypatch.setenv("VLLM_HASS_AUTO_SCHEDULE", "3/1/4,off")  # drafts every other step
+    got, m, _ = run(bigram_target, auto_spec(identity_head), ps)
+    assert got == want and m["num_drafts"] > 0
+    # one layout and one tree sampling per step that verified drafts, no more
+    assert 0 < calls["verify_layout"] == calls["tree_sample"] <= m["num_drafts"], (calls, m)

@@ -103,9 +103,11 @@ class AutoRunnerMixin:
             self._hass_stale = stale = {r: None for r in stale if r in self.requests}
         return np.fromiter((r not in stale for r in req_ids), dtype=bool, count=len(req_ids))
 
-    def _hass_propose_auto(self, step, acc, hidden_states):
+    def _hass_propose_auto(self, step, acc, sampled_token_ids, hidden_states):
         """propose_draft_token_ids for "tree": "auto": the chooser's plan for this step
-        (auto_tree.Chooser), then the first pass and the trees of each planned shape."""
+        (auto_tree.Chooser), then the first pass and the trees of each planned shape.
+        acc None: no request had drafts (built here, only when the head runs)."""
+        from vllm_hass.sampler import plain_accepted
         from vllm_hass.step import first_pass_layout
 
         auto, ib, tree = self._hass_auto, self.input_batch, self._hass_tree
@@ -127,6 +129,8 @@ class AutoRunnerMixin:
             auto.clock.mark("end")
             auto.clock.end(info)
             return drafts
+        if acc is None:
+            acc = plain_accepted(sampled_token_ids, B, self.device)
         fp = first_pass_layout(
             num_reqs=B, qsl=qsl, computed=ib.num_computed_tokens_cpu[:B],
             verify=None if step is None else step.verify,

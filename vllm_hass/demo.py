@@ -34,8 +34,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="serve a target with a HASS head, send a request, print τ")
     p.add_argument("--target", help="target model dir (default: SmolLM2-135M-Instruct)")
     p.add_argument("--head", help="converted head dir or its hass.json (default: shipped head)")
-    p.add_argument("--tree", default="6,10,60",
-                   help="EAGLE-2 tree depth,top_k,total_tokens, or 'chain:K' (default 6,10,60)")
+    p.add_argument("--tree", default="auto",
+                   help="'auto' (chosen each step, the default), an EAGLE-2 tree "
+                        "depth,top_k,total_tokens (e.g. 6,10,60), or 'chain:K'")
     p.add_argument("--tiny", action="store_true", help="tiny local model + fixture head")
     p.add_argument("--prompt", default=PROMPT)
     p.add_argument("--max-tokens", type=int, default=256)
@@ -52,13 +53,16 @@ def _spec(head: Path, tree: str) -> dict:
     shipped = head / "hass.json"  # the head's own choice of draft vocabulary, if it made one
     if shipped.exists() and "draft_vocab_size" in json.loads(shipped.read_text()):
         spec["draft_vocab_size"] = json.loads(shipped.read_text())["draft_vocab_size"]
+    if tree == "auto":
+        spec["tree"] = "auto"
+        return spec
     if tree.startswith("chain:"):
         spec["num_speculative_tokens"] = int(tree.split(":", 1)[1])
         return spec
     try:
         depth, top_k, total = (int(x) for x in tree.split(","))
     except ValueError:
-        raise UserError(f"--tree {tree}: expected depth,top_k,total_tokens (e.g. 6,10,60) "
+        raise UserError(f"--tree {tree}: expected auto, depth,top_k,total_tokens (e.g. 6,10,60) "
                         "or chain:K") from None
     spec["tree"] = {"depth": depth, "top_k": top_k, "total_tokens": total}
     return spec
@@ -85,9 +89,13 @@ def _http(url: str, data: dict | None = None, timeout: float = 600) -> str:
 
 
 def spec_counters(metrics_text: str) -> dict:
-    """Sum vLLM's spec-decode counters over engines; per-position as a list."""
-    out: dict = {"per_pos": {}}
+    """Sum vLLM's spec-decode counters over engines; per-position as a list; "auto":
+    {shape: steps} from the plugin's "tree": "auto" counters (vllm_hass/auto_metrics.py)."""
+    out: dict = {"per_pos": {}, "auto": {}}
     for line in metrics_text.splitlines():
+        if line.startswith("vllm:hass_auto_tree_steps_total{"):
+            name, value = line.rsplit(" ", 1)
+            out["auto"][name.split('shape="', 1)[1].split('"', 1)[0]] = float(value)
         if not line.startswith("vllm:spec_decode_") or "_created" in line:
             continue
         name, value = line.rsplit(" ", 1)
@@ -130,11 +138,18 @@ def run(args) -> int:
     c = spec["counters"]
     drafts = c.get("num_drafts", 0.0)
     accepted = c.get("num_accepted_tokens", 0.0)
-    tau = accepted / drafts + 1 if drafts else float("nan")
+    tau = accepted / drafts + 1 if drafts else 1.0
     print(f"{spec['tokens']} tokens in {spec['elapsed']:.1f} s ({spec['tps']:.1f} tok/s)")
+    if c["auto"]:  # what "tree": "auto" chose, steps per shape (depth/top_k/total_tokens)
+        print("auto chose (engine steps per shape): " + ", ".join(
+            f"{k} ×{v:.0f}" for k, v in sorted(c["auto"].items(), key=lambda kv: -kv[1]) if v))
     print(f"verify steps {drafts:.0f}, drafted {c.get('num_draft_tokens', 0):.0f}, "
           f"accepted {accepted:.0f}")
-    print(f"acceptance length tau = accepted/steps + 1 = {tau:.2f}")
+    if drafts:
+        print(f"acceptance length tau = accepted/steps + 1 = {tau:.2f}")
+    else:
+        print("no drafts were verified (auto: no shape was predicted faster than no drafts "
+              "on this machine): tau = 1")
     per = [p for p in c["per_pos"] if p > 0]
     if drafts and per:
         rates = ", ".join(f"{p / drafts:.2f}" for p in per)
@@ -164,7 +179,8 @@ def _serve_and_ask(target: Path, args, workdir: Path, spec_file: Path | None) ->
         proc = subprocess.Popen([vllm, *cmd[1:]], stdout=log, stderr=subprocess.STDOUT,
                                 env=os.environ.copy())
         try:
-            return _talk(proc, port, target, args, log_path)
+            return _talk(proc, port, target, args, log_path,
+                         auto=spec_file is not None and args.tree == "auto")
         finally:
             proc.terminate()
             try:
@@ -185,7 +201,7 @@ def _ask(base: str, target: Path, args, max_tokens: int) -> tuple[str, int]:
     return body["choices"][0]["message"]["content"], body["usage"]["completion_tokens"]
 
 
-def _talk(proc, port: int, target: Path, args, log_path: Path) -> dict:
+def _talk(proc, port: int, target: Path, args, log_path: Path, auto: bool = False) -> dict:
     base = f"http://127.0.0.1:{port}"
     t0 = time.time()
     while True:
@@ -201,12 +217,17 @@ def _talk(proc, port: int, target: Path, args, log_path: Path) -> dict:
             time.sleep(1)
     print(f"server up after {time.time() - t0:.0f} s", flush=True)
     _ask(base, target, args, 8)  # warm-up: first-call allocations stay out of the timing
+    # "tree": "auto" counters are refreshed once the engine idles (auto_metrics)
+    settle = (lambda: time.sleep(1.5)) if auto else (lambda: None)
+    settle()
     before = spec_counters(_http(base + "/metrics"))
     t1 = time.time()
     text, n = _ask(base, target, args, args.max_tokens)
     elapsed = time.time() - t1
+    settle()
     after = spec_counters(_http(base + "/metrics"))
-    counters = {k: after[k] - before.get(k, 0.0) for k in after if k != "per_pos"}
+    counters = {k: after[k] - before.get(k, 0.0) for k in after if k not in ("per_pos", "auto")}
+    counters["auto"] = {k: v - before["auto"].get(k, 0.0) for k, v in after["auto"].items()}
     counters["per_pos"] = [a - (before["per_pos"][i] if i < len(before["per_pos"]) else 0.0)
                            for i, a in enumerate(after["per_pos"])]
     return {"text": text, "tokens": n, "elapsed": elapsed, "tps": n / elapsed, "counters": counters}

@@ -33,6 +33,7 @@ import torch
 
 from vllm_hass.auto_runner import AutoRunnerMixin
 from vllm_hass.config import tree_config
+from vllm_hass.sampler import plain_accepted
 
 logger = logging.getLogger("vllm_hass")
 
@@ -200,7 +201,10 @@ class HassRunnerMixin(AutoRunnerMixin):
         if auto is not None:
             auto.begin()
         spec_md = out[1]
-        if spec_md is not None:  # some request has drafts scheduled
+        # vLLM 0.32/0.33 build spec_md every step once speculation is configured, drafts or
+        # not: a step where no request has drafts (prefills, auto's "no drafts") runs as
+        # without speculation (no layout, masks or tree sampler; see _sample)
+        if spec_md is not None and spec_md.max_spec_len > 0:
             ib = self.input_batch
             B = ib.num_reqs
             qsl = self.query_start_loc.np[: B + 1]
@@ -226,6 +230,11 @@ class HassRunnerMixin(AutoRunnerMixin):
     def _sample(self, logits, spec_decode_metadata):
         step = self._hass_step if self._hass_tree is not None else None
         if step is None:
+            if self._hass_tree is not None and spec_decode_metadata is not None \
+                    and spec_decode_metadata.max_spec_len == 0:
+                # no drafts this step: vLLM's own sampler, exactly as without speculation
+                # (one logits row per request; _bookkeeping_sync reads a [B, 1] output)
+                return super()._sample(logits, None)
             return super()._sample(logits, spec_decode_metadata)
         from vllm_hass.sampler import compact_kv, compaction_pairs, seeds_of, tree_sample
 
@@ -300,10 +309,12 @@ class HassRunnerMixin(AutoRunnerMixin):
         tree = self._hass_tree
         step = self._hass_step
         acc = step.acc if step is not None else None
-        if acc is None:  # no request had drafts this step: all came from vLLM's sampler
-            step, acc = None, _plain_accepted(sampled_token_ids, B, self.device)
-        if self._hass_auto is not None:
-            return self._hass_propose_auto(step, acc, hidden_states)
+        if acc is None:  # no request had drafts this step
+            step = None
+        if self._hass_auto is not None:  # (builds acc only if the head runs this step)
+            return self._hass_propose_auto(step, acc, sampled_token_ids, hidden_states)
+        if acc is None:  # every request's token came from vLLM's sampler
+            acc = plain_accepted(sampled_token_ids, B, self.device)
         qsl = self.query_start_loc.np[: B + 1]
         fp = first_pass_layout(
             num_reqs=B, qsl=qsl, computed=ib.num_computed_tokens_cpu[:B],
@@ -335,17 +346,6 @@ class HassRunnerMixin(AutoRunnerMixin):
                 verified_parents=None if step is None else step.trees.parents,
                 accepted_path=acc.path, bonus=acc.bonus, drafted_for=fp.eligible_dev,
                 drafted=packed.flatten())
-
-
-def _plain_accepted(sampled_token_ids, B: int, device):
-    """Accepted for a step without trees: every request's token came from vLLM's sampler."""
-    from vllm_hass.sampler import Accepted
-
-    sampled = sampled_token_ids if torch.is_tensor(sampled_token_ids) else torch.tensor(
-        [s[-1] if s else 0 for s in sampled_token_ids])
-    bonus = sampled[:, 0].long() if sampled.dim() == 2 else sampled.long()
-    return Accepted(torch.full((B, 1), -1, device=device), torch.zeros(B, dtype=torch.long, device=device),
-                    bonus.to(device), torch.zeros(B, dtype=torch.bool, device=device))
 
 
 def make_runner_class(base: type) -> type:

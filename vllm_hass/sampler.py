@@ -45,6 +45,16 @@ class Accepted:
     has_tree: torch.Tensor  # [B] bool
 
 
+def plain_accepted(sampled_token_ids, B: int, device) -> Accepted:
+    """Accepted for a step without trees: every request's token came from vLLM's sampler
+    (sampled_token_ids: its [B, 1] tensor, or per-request lists)."""
+    sampled = sampled_token_ids if torch.is_tensor(sampled_token_ids) else torch.tensor(
+        [s[-1] if s else 0 for s in sampled_token_ids])
+    bonus = sampled[:, 0].long() if sampled.dim() == 2 else sampled.long()
+    return Accepted(torch.full((B, 1), -1, device=device), torch.zeros(B, dtype=torch.long, device=device),
+                    bonus.to(device), torch.zeros(B, dtype=torch.bool, device=device))
+
+
 ROW_CHUNK = 128  # rows per gather / top-k / top-p pass: temporaries ~18 bytes x ROW_CHUNK x V
 
 

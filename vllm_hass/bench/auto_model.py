@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 
@@ -164,7 +162,7 @@ def choose(shape: dict, gpu: dict, B: int, context: int, draft_vocab: int, host_
 
 def run(args) -> int:
     from vllm_hass.bench.flags import int_list
-    from vllm_hass.bench.speedup_model import GPUS, SHAPES
+    from vllm_hass.bench.speedup_model import GPUS, SHAPES, emit
 
     shape, gpu = SHAPES[args.am_model], GPUS[args.am_gpu]
     if args.am_host_ms < 0 or not math.isfinite(args.am_host_ms):
@@ -187,13 +185,7 @@ def run(args) -> int:
         md.append(f"| {r['batch_size']} | {r['draft_vocab']} | {r['step_ms_no_spec']:.2f} | {r['shape']} | "
                   f"{r['tau']:.2f} | {r['speedup']:.2f}× | {r['fixed_6_10_60']:.2f}× | "
                   f"{r['best_chain']} | {r['best_chain_speedup']:.2f}× |")
-    text = "\n".join(md) + "\n"
-    print(text)
-    if args.am_out:
-        out = Path(args.am_out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "auto_model.md").write_text(text)
-        (out / "auto_model.json").write_text(json.dumps(
-            {"model": args.am_model, "gpu": args.am_gpu, "tau_6_10_60": args.am_tau, "a": a,
-             "context": args.am_context, "host_ms": args.am_host_ms, "rows": rows}, indent=2) + "\n")
+    emit("\n".join(md) + "\n", args.am_out, "auto_model", {
+        "model": args.am_model, "gpu": args.am_gpu, "tau_6_10_60": args.am_tau, "a": a,
+        "context": args.am_context, "host_ms": args.am_host_ms, "rows": rows})
     return 0

@@ -261,7 +261,8 @@ class Scheduler:
         r.input_ids.np[: ids.size] = ids
         pos = np.concatenate([ib.num_computed_tokens_cpu[b] + np.arange(n[b]) for b in range(B)])
         r.positions[: pos.size] = torch.from_numpy(pos).to(r.device)
-        spec = SimpleNamespace(num_draft_tokens=k.tolist()) if k.any() else None
+        # vLLM 0.32/0.33 build SpecDecodeMetadata every step (max_spec_len 0: no drafts)
+        spec = SimpleNamespace(num_draft_tokens=k.tolist(), max_spec_len=int(k.max()))
         r._prepared = (None, spec, int(n.max()))
         r._attn_metadata = {"layer": SimpleNamespace()}
         T = int(qsl[-1])

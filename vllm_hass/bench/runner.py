@@ -60,7 +60,9 @@ def plan(settings: dict, spec, out: Path) -> tuple[list[Config], list[dict]]:
     if spec is None:
         return [Config("nospec", None)], []
     k = chain_k(settings, spec)
-    tree = settings["tree"] or (spec.tree.to_dict() if spec.tree else None)
+    # a spec with "tree": "auto": hass-tree runs its bounds as a fixed tree (the largest)
+    fixed = {k: v for k, v in spec.tree.to_dict().items() if k != "auto"} if spec.tree else None
+    tree = settings["tree"] or fixed
     chain_shape = f"oracle-chain-k{k}"
     tree_shape = f"oracle-tree-{tree['depth']}-{tree['top_k']}-{tree['total_tokens']}" if tree else None
     if "nospec" in wanted:

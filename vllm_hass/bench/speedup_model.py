@@ -296,15 +296,18 @@ def run(args) -> int:
                   + " | ".join(f"{v:.3f}" for v in r["verify_ms"].values())
                   + f" | {r['draft_level_over_step']:.3f} | {r['draft_ms']:.3f} | {r['cycle_ms']:.3f} | "
                     f"{r['speedup']:.2f}× | {paper} |")
-    text = "\n".join(md) + "\n"
-    print(text)
-    if args.sm_out:
-        out = Path(args.sm_out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "speedup_model.md").write_text(text)
-        (out / "speedup_model.json").write_text(json.dumps(
-            {"device": gpu, "tree": tree, "context": args.context, "tau": tau, "tau_source": tau_src,
-             "layers_timed": args.layers_timed, "rows": [{**r, "verify_ms": {str(k): v for k, v in
-                                                                           r["verify_ms"].items()}}
-                                                         for r in rows]}, indent=2) + "\n")
+    emit("\n".join(md) + "\n", args.sm_out, "speedup_model", {
+        "device": gpu, "tree": tree, "context": args.context, "tau": tau, "tau_source": tau_src,
+        "layers_timed": args.layers_timed,
+        "rows": [{**r, "verify_ms": {str(k): v for k, v in r["verify_ms"].items()}} for r in rows]})
     return 0
+
+
+def emit(text: str, out: str | None, stem: str, data: dict) -> None:
+    """Print a model's table; with `out`, also write OUT/stem.md and OUT/stem.json."""
+    print(text)
+    if out:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{stem}.md").write_text(text)
+        (out / f"{stem}.json").write_text(json.dumps(data, indent=2) + "\n")

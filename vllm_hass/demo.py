@@ -88,14 +88,20 @@ def _http(url: str, data: dict | None = None, timeout: float = 600) -> str:
         return r.read().decode()
 
 
-def spec_counters(metrics_text: str) -> dict:
-    """Sum vLLM's spec-decode counters over engines; per-position as a list; "auto":
-    {shape: steps} from the plugin's "tree": "auto" counters (vllm_hass/auto_metrics.py)."""
-    out: dict = {"per_pos": {}, "auto": {}}
+def auto_steps(metrics_text: str) -> dict[str, float]:
+    """{shape: engine steps} from the plugin's "tree": "auto" counters (auto_metrics.py)."""
+    out: dict[str, float] = {}
     for line in metrics_text.splitlines():
         if line.startswith("vllm:hass_auto_tree_steps_total{"):
             name, value = line.rsplit(" ", 1)
-            out["auto"][name.split('shape="', 1)[1].split('"', 1)[0]] = float(value)
+            out[name.split('shape="', 1)[1].split('"', 1)[0]] = float(value)
+    return out
+
+
+def spec_counters(metrics_text: str) -> dict:
+    """Sum vLLM's spec-decode counters over engines; per-position as a list."""
+    out: dict = {"per_pos": {}}
+    for line in metrics_text.splitlines():
         if not line.startswith("vllm:spec_decode_") or "_created" in line:
             continue
         name, value = line.rsplit(" ", 1)
@@ -220,14 +226,16 @@ def _talk(proc, port: int, target: Path, args, log_path: Path, auto: bool = Fals
     # "tree": "auto" counters are refreshed once the engine idles (auto_metrics)
     settle = (lambda: time.sleep(1.5)) if auto else (lambda: None)
     settle()
-    before = spec_counters(_http(base + "/metrics"))
+    metrics = _http(base + "/metrics")
+    before, auto_before = spec_counters(metrics), auto_steps(metrics)
     t1 = time.time()
     text, n = _ask(base, target, args, args.max_tokens)
     elapsed = time.time() - t1
     settle()
-    after = spec_counters(_http(base + "/metrics"))
-    counters = {k: after[k] - before.get(k, 0.0) for k in after if k not in ("per_pos", "auto")}
-    counters["auto"] = {k: v - before["auto"].get(k, 0.0) for k, v in after["auto"].items()}
+    metrics = _http(base + "/metrics")
+    after = spec_counters(metrics)
+    counters = {k: after[k] - before.get(k, 0.0) for k in after if k != "per_pos"}
+    counters["auto"] = {k: v - auto_before.get(k, 0.0) for k, v in auto_steps(metrics).items()}
     counters["per_pos"] = [a - (before["per_pos"][i] if i < len(before["per_pos"]) else 0.0)
                            for i, a in enumerate(after["per_pos"])]
     return {"text": text, "tokens": n, "elapsed": elapsed, "tps": n / elapsed, "counters": counters}
